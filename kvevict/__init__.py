@@ -1,0 +1,18 @@
+"""kvevict: a KV-cache eviction runtime for Hugging Face transformers."""
+
+from .attention import ATTN_IMPLEMENTATION, register
+from .cache import EvictionCache, EvictingLayer, Protection
+from .policy import Budget, Policy, available_policies, resolve_policy
+
+register()
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "Budget",
+    "EvictingLayer",
+    "EvictionCache",
+    "Policy",
+    "Protection",
+    "available_policies",
+    "resolve_policy",
+]

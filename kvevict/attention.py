@@ -1,0 +1,209 @@
+"""The ``kvevict`` attention implementation, registered with transformers under its own name.
+
+Transformers builds one mask per forward pass through :func:`kvevict_mask`; instead of a dense
+``[B, 1, q, kv]`` tensor it returns a :class:`KVMask` that keeps the *rule* (the mask function over
+logical positions, and the 2D padding mask). :func:`kvevict_attention` then evaluates that rule on
+the logical positions of the entries each KV head really holds, which may differ per row, head and
+layer. The evicting cache layer hands itself over in ``update`` (see :func:`hand_over`) and gets
+the queries back after attention, which is where policies see what they need.
+
+Without an :class:`~kvevict.cache.EvictionCache` (e.g. a plain ``DynamicCache``, or a vision tower),
+the implementation behaves exactly like transformers' ``sdpa``.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
+
+if TYPE_CHECKING:
+    from .cache import EvictingLayer
+
+ATTN_IMPLEMENTATION = "kvevict"
+
+_PENDING: ContextVar["EvictingLayer | None"] = ContextVar("kvevict_pending_layer", default=None)
+
+
+@dataclass
+class KVMask:
+    """A deferred attention mask: the rule, not the tensor.
+
+    ``mask_function(batch_idx, head_idx, q_idx, kv_idx) -> bool`` over logical positions (broadcast
+    index tensors), ``padding`` ``[B, seen + q]`` bool (``True`` = real token) or ``None``.
+    """
+
+    mask_function: Callable
+    padding: torch.Tensor | None
+    sdpa_kwargs: dict[str, Any] = field(repr=False)
+    _standard: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def is_causal(self) -> bool:
+        return self.mask_function is causal_mask_function
+
+    def standard(self) -> torch.Tensor | None:
+        """The mask transformers' ``sdpa`` would have used (for attention outside an EvictionCache)."""
+        if self._standard is None:
+            self._standard = sdpa_mask(**self.sdpa_kwargs)
+        return self._standard
+
+
+def kvevict_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function: Callable = causal_mask_function,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> KVMask:
+    """Mask interface: record the rule; see module docstring."""
+    sdpa_kwargs = dict(
+        batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+        kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, **kwargs,
+    )
+    padding = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
+    return KVMask(mask_function, padding, sdpa_kwargs)
+
+
+def hand_over(layer: "EvictingLayer") -> None:
+    """Called by an evicting layer's ``update``: the next attention call belongs to it."""
+    _PENDING.set(layer)
+
+
+def _take_pending(module: torch.nn.Module) -> "EvictingLayer | None":
+    layer = _PENDING.get()
+    if layer is None:
+        return None
+    _PENDING.set(None)
+    if layer.layer_idx != getattr(module, "layer_idx", layer.layer_idx):
+        raise RuntimeError(
+            f"kvevict: cache layer {layer.layer_idx} was updated but attention ran for layer {module.layer_idx}; "
+            "this model does not call past_key_values.update right before its attention function"
+        )
+    return layer
+
+
+def kvevict_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: KVMask | torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention over the entries an evicting cache layer holds.
+
+    query ``[B, Hq, q, D]``, key/value ``[B, H, S, D]`` as returned by the layer's ``update``.
+    Returns ``([B, q, Hq, Dv], None)`` like transformers' attention functions.
+    """
+    layer = _take_pending(module)
+    if layer is None:
+        mask = attention_mask.standard() if isinstance(attention_mask, KVMask) else attention_mask
+        return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+    if kwargs.get("softcap") is not None:
+        raise ValueError("kvevict attention does not support attention logit soft-capping")
+    if isinstance(attention_mask, torch.Tensor):
+        raise ValueError(
+            "kvevict attention needs the 2D attention mask (got a prepared 4D mask); pass `attention_mask` as "
+            "[batch, tokens] or leave it out"
+        )
+    positions = layer.kv.positions
+    if positions.shape[-1] != key.shape[-2]:
+        raise RuntimeError("kvevict: the keys reaching attention are not the ones the cache layer returned")
+    mask, is_causal = build_mask(positions, query.shape[2], layer.seen, attention_mask, layer.sliding_window,
+                                 layer.kv.has_holes)
+    out = attend(query, key, value, mask, scaling, is_causal)
+    layer.after_attention(query, attention_mask)
+    return out, None
+
+
+def build_mask(
+    positions: torch.Tensor,
+    q_length: int,
+    seen: int,
+    info: KVMask | None,
+    window: int | None,
+    has_holes: bool,
+) -> tuple[torch.Tensor | None, bool]:
+    """Boolean mask for queries at logical positions ``seen - q_length .. seen - 1``.
+
+    Returns ``(mask, is_causal)``: ``mask`` is ``None``, head-shared ``[1, 1, q, S]`` or per head
+    ``[B, H, q, S]``; ``is_causal`` means plain causal attention over contiguous entries.
+    """
+    plain = (info is None or (info.is_causal and info.padding is None)) and not has_holes
+    q_pos = torch.arange(seen - q_length, seen, device=positions.device)
+    if plain and q_length == 1 and window is None:
+        return None, False
+    if plain and _same_everywhere(positions):
+        row = positions[0, 0]
+        if window is None and row.shape[0] == q_length and bool((row == q_pos).all()):
+            return None, True
+        mask = row[None, :] <= q_pos[:, None]
+        if window is not None:
+            mask &= row[None, :] > q_pos[:, None] - window
+        return mask[None, None], False
+    kv = positions[:, :, None, :]  # [B, H, 1, S]
+    kv_idx = kv.clamp(min=0)
+    b_idx = torch.arange(positions.shape[0], device=positions.device).view(-1, 1, 1, 1)
+    q_idx = q_pos.view(1, 1, -1, 1)
+    rule = causal_mask_function if info is None else info.mask_function
+    mask = torch.as_tensor(rule(b_idx, 0, q_idx, kv_idx), device=positions.device) & (kv >= 0)
+    if info is not None and info.padding is not None:
+        padding = info.padding.to(positions.device)
+        if padding.shape[-1] < seen:
+            raise ValueError(
+                f"attention_mask covers {padding.shape[-1]} tokens but the cache has seen {seen}; pass the mask "
+                "of the whole conversation"
+            )
+        mask &= padding[b_idx, kv_idx]
+    if window is not None:
+        mask &= kv > q_idx - window
+    # A query that may see nothing (a pad) attends to everything instead of producing NaNs.
+    return mask | ~mask.any(-1, keepdim=True), False
+
+
+def _same_everywhere(positions: torch.Tensor) -> bool:
+    b, h = positions.shape[:2]
+    return b * h == 1 or bool((positions == positions[:1, :1]).all())
+
+
+def attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float | None,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    """SDPA with grouped-query heads. query ``[B, Hq, q, D]``, key/value ``[B, H, S, ·]``,
+    mask ``None``/``[1|B, 1, q, S]``/``[B, H, q, S]`` bool. Returns ``[B, q, Hq, Dv]``."""
+    b, hq, q, d = query.shape
+    h = key.shape[1]
+    groups = hq // h
+    if mask is None or mask.shape[1] == 1:
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling, enable_gqa=groups > 1
+        )
+        return out.transpose(1, 2).contiguous()
+    # Per-KV-head mask: fold each group's query heads into the query axis of its KV head.
+    grouped = query.reshape(b, h, groups * q, d)
+    grouped_mask = mask[:, :, None].expand(-1, -1, groups, -1, -1).reshape(b, h, groups * q, mask.shape[-1])
+    out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=grouped_mask, scale=scaling)
+    return out.view(b, hq, q, -1).transpose(1, 2).contiguous()
+
+
+def register() -> None:
+    """Register the ``kvevict`` attention and mask implementations (idempotent; built-ins untouched)."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, kvevict_attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, kvevict_mask)

@@ -1,0 +1,343 @@
+"""``EvictionCache``: a transformers ``Cache`` that physically evicts KV entries.
+
+A cache is a list of :class:`EvictingLayer` (transformers' layered cache contract). Each layer keeps
+the logical number of tokens it has seen apart from the entries it stores, so ``get_seq_length``
+tells ``generate`` the truth (multi-turn reuse feeds only new tokens; RoPE positions stay right).
+Eviction runs after attention (``update`` must return every key the current queries may see), in
+every forward pass: chunked prefill and decoding alike, once a head holds more than
+``budget + slack`` entries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .attention import ATTN_IMPLEMENTATION, KVMask, hand_over, register
+from .policy import Budget, Policy, resolve_policy
+from .scoring import ScoreInputs
+from .selection import SelectionInputs
+from .storage import HeadwiseKV
+
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+@dataclass(frozen=True)
+class Protection:
+    """Entries no policy may evict: the first ``sinks`` real tokens of a row and the ``recent`` last."""
+
+    sinks: int = 4
+    recent: int = 32
+
+    def __post_init__(self) -> None:
+        if self.sinks < 0 or self.recent < 0:
+            raise ValueError(f"sinks and recent must be >= 0, got sinks={self.sinks}, recent={self.recent}")
+
+    @property
+    def total(self) -> int:
+        return self.sinks + self.recent
+
+
+class EvictingLayer(CacheLayerMixin):
+    """One decoder layer's evicting cache.
+
+    Full-attention layers evict with the policy down to the budget; sliding-window layers keep the
+    last ``sliding_window - 1`` tokens like transformers' sliding layers and are never policy-evicted.
+    """
+
+    is_croppable = True
+
+    def __init__(
+        self,
+        layer_idx: int,
+        num_layers: int,
+        policy: Policy,
+        budget: Budget | None,
+        protection: Protection,
+        slack: int,
+        sliding_window: int | None = None,
+        config: PretrainedConfig | None = None,
+    ) -> None:
+        super().__init__()
+        self.layer_idx, self.num_layers = layer_idx, num_layers
+        self.policy, self.budget, self.protection, self.slack = policy, budget, protection, slack
+        self.sliding_window = sliding_window
+        self.config = config
+        self.kv: HeadwiseKV | None = None
+        self.seen = 0
+        self.real: torch.Tensor | None = None  # [B] real (non-pad) tokens seen per row
+        self.sink_end: torch.Tensor | None = None  # [B] logical position after the row's last sink
+        self.real_min = 0  # min(real), kept as an int to avoid device syncs when decoding
+        self.evicted = 0
+
+    @property
+    def is_sliding(self) -> bool:  # read by transformers' mask creation
+        return self.sliding_window is not None
+
+    # --- transformers layer contract -------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.kv = HeadwiseKV.empty(key_states, value_states)
+        b = key_states.shape[0]
+        self.real = torch.zeros(b, dtype=torch.long, device=self.device)
+        self.sink_end = torch.zeros(b, dtype=torch.long, device=self.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Store ``[B, H, q, D]`` new entries and return every entry the queries may see."""
+        if self.config is not None and self.config._attn_implementation != ATTN_IMPLEMENTATION:
+            raise RuntimeError(
+                f"EvictionCache needs attn_implementation={ATTN_IMPLEMENTATION!r} but the model uses "
+                f"{self.config._attn_implementation!r}; build the cache with EvictionCache(model, ...) or call "
+                f"model.set_attn_implementation({ATTN_IMPLEMENTATION!r})"
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._check_compatible(key_states)
+        b, h, q, _ = key_states.shape
+        positions = torch.arange(self.seen, self.seen + q, device=self.device).expand(b, h, q)
+        self.kv.append(key_states, value_states, positions)
+        self.seen += q
+        self.keys, self.values = self.kv.keys, self.kv.values
+        hand_over(self)
+        return self.kv.keys, self.kv.values
+
+    def get_seq_length(self) -> int:
+        """Logical tokens seen (not the stored count)."""
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """The logical view: every position ``0 .. seen + q - 1`` (the kvevict mask maps it to entries)."""
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.kv, self.keys, self.values = None, None, None
+        self.seen, self.evicted = 0, 0
+        self.real = self.sink_end = None
+        self.real_min = 0
+        self.is_initialized = False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_rows(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            rows = self.real.shape[0]
+            self._select_rows(torch.arange(rows, device=self.device).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_rows(torch.as_tensor(indices, device=self.device))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last ``-tokens_to_remove`` tokens (or keep the first ``tokens_to_remove`` if positive).
+
+        Only tokens still guaranteed to be stored can be forgotten: the protected recent window (or the
+        sliding window), unless nothing was evicted yet.
+        """
+        new_seen = self.seen + tokens_to_remove if tokens_to_remove < 0 else min(tokens_to_remove, self.seen)
+        if not self.is_initialized or new_seen == self.seen:
+            return
+        if new_seen < 0:
+            raise ValueError(f"cannot crop {-tokens_to_remove} tokens from a cache that has seen {self.seen}")
+        guaranteed = self.protection.recent if self.sliding_window is None else self.sliding_window - 1
+        if self.evicted and self.seen - new_seen > guaranteed:
+            raise ValueError(
+                f"layer {self.layer_idx}: cannot crop {self.seen - new_seen} tokens: after eviction only the last "
+                f"{guaranteed} are guaranteed to be stored (raise `recent` to allow deeper rollbacks)"
+            )
+        dropped = self.kv.positions >= new_seen
+        self.real = self.real - dropped.any(1).sum(-1)  # heads of a row store the same recent tokens
+        self.real_min = int(self.real.min())
+        self.kv.compact(~dropped)
+        self.keys, self.values = self.kv.keys, self.kv.values
+        self.sink_end = self.sink_end.clamp(max=new_seen)
+        self.seen = new_seen
+
+    # --- eviction ---------------------------------------------------------------------------------
+    def after_attention(self, queries: torch.Tensor, info: KVMask | None) -> None:
+        """Called by the attention function once the new entries were attended: drop pads, evict."""
+        q = queries.shape[2]
+        has_pads = info is not None and info.padding is not None
+        if has_pads or self.real_min < self.protection.sinks:
+            self._track_new_tokens(q, info.padding if has_pads else None)
+        else:
+            self.real += q
+            self.real_min += q
+        if self.sliding_window is not None:
+            keep = self.kv.positions > self.seen - self.sliding_window
+            if has_pads or not bool(keep[..., :1].all()):
+                self.evicted += self.kv.compact(keep)
+        elif self.budget is not None:
+            self._evict(queries, force=has_pads)
+        elif has_pads:
+            self.kv.compact(self.kv.valid())
+        self.keys, self.values = self.kv.keys, self.kv.values
+
+    def _track_new_tokens(self, q: int, padding: torch.Tensor | None) -> None:
+        """Mark the last ``q`` slots' pads empty; update real-token counts and each row's sink span."""
+        new = self.kv.positions[..., -q:]  # [B, H, q]
+        if padding is None:
+            is_real = torch.ones(new.shape[0], q, dtype=torch.bool, device=self.device)
+        else:
+            is_real = padding.to(self.device)[:, self.seen - q : self.seen]  # [B, q]
+            self.kv.positions[..., -q:] = torch.where(is_real[:, None, :], new, -1)
+        rank = self.real[:, None] + is_real.long().cumsum(-1) - 1
+        sink = is_real & (rank < self.protection.sinks)
+        ends = torch.where(sink, new[:, 0, :] + 1, 0).amax(-1)
+        self.sink_end = torch.maximum(self.sink_end, ends)
+        self.real = self.real + is_real.long().sum(-1)
+        self.real_min = int(self.real.min())
+
+    def _evict(self, queries: torch.Tensor, force: bool) -> None:
+        """Evict, in each row holding more than ``budget + slack`` entries in some head, down to the budget."""
+        if not force and not self.kv.has_holes and self.kv.length <= self.budget.entries_for(self.real_min) + self.slack:
+            return  # fast path: every head of every row is within budget + slack
+        budget = self.budget.entries(self.real)  # [B]
+        over = (self.kv.counts() > (budget + self.slack)[:, None]).any(-1)  # [B]
+        if not force and not bool(over.any()):
+            return
+        pos = self.kv.positions
+        valid = pos >= 0
+        protected = valid & (
+            (pos < self.sink_end[:, None, None]) | (pos >= self.seen - self.protection.recent)
+        )
+        inputs = ScoreInputs(
+            keys=self.kv.keys, values=self.kv.values, positions=pos, layer_idx=self.layer_idx, seen=self.seen,
+            queries=queries if "queries" in self.policy.needs else None, state=self.kv.extra,
+        )
+        scores = self.policy.scorer.score(inputs)
+        keep = self.policy.allocator.select(
+            SelectionInputs(scores, valid, protected, budget, self.layer_idx, self.num_layers)
+        )
+        # Rows within budget keep everything, as they would if they ran alone.
+        self.evicted += self.kv.compact(torch.where(over[:, None, None], keep, valid))
+
+    # --- helpers ----------------------------------------------------------------------------------
+    def _check_compatible(self, key_states: torch.Tensor) -> None:
+        kv = self.kv
+        if key_states.dtype != kv.keys.dtype or key_states.device != kv.keys.device:
+            raise ValueError(
+                f"layer {self.layer_idx}: new keys are {key_states.dtype} on {key_states.device} but the cache holds "
+                f"{kv.keys.dtype} on {kv.keys.device}"
+            )
+        if key_states.shape[0] != kv.keys.shape[0]:
+            raise ValueError(
+                f"this cache holds a batch of {kv.keys.shape[0]} rows but got {key_states.shape[0]}; "
+                "use a new EvictionCache (or cache.reset()) for a different batch"
+            )
+        if key_states.shape[1] != kv.keys.shape[1] or key_states.shape[-1] != kv.keys.shape[-1]:
+            raise ValueError(
+                f"layer {self.layer_idx}: keys of shape {tuple(key_states.shape)} do not match the cache's "
+                f"{kv.keys.shape[1]} heads x {kv.keys.shape[-1]} dims; was the cache built for another model?"
+            )
+
+    def _select_rows(self, index: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
+        self.kv.select_rows(index)
+        self.real = self.real.index_select(0, index.to(self.device))
+        self.sink_end = self.sink_end.index_select(0, index.to(self.device))
+        self.real_min = int(self.real.min())
+        self.keys, self.values = self.kv.keys, self.kv.values
+
+
+class EvictionCache(Cache):
+    """Drop-in replacement for ``DynamicCache`` that evicts KV entries under a budget.
+
+    Args:
+        model: the model (its attention implementation is switched to ``"kvevict"``) or its config
+            (then call ``model.set_attn_implementation("kvevict")`` yourself).
+        policy: a name (``"streaming"``, ``"uniform:streaming"``), a :class:`~kvevict.scoring.Scorer`
+            or a :class:`~kvevict.policy.Policy`.
+        budget: entries kept per (layer, KV head) (int, on average), a fraction of the tokens seen
+            (float in (0, 1]), or ``None`` for no eviction.
+        sinks, recent: protected first real tokens and most recent tokens of each row.
+        slack: eviction runs once a head holds more than ``budget + slack`` entries.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel | PretrainedConfig,
+        policy: str | Policy = "streaming",
+        budget: int | float | None = 512,
+        *,
+        sinks: int = 4,
+        recent: int = 32,
+        slack: int = 32,
+    ) -> None:
+        register()
+        config = model if isinstance(model, PretrainedConfig) else model.config
+        if isinstance(model, PreTrainedModel):
+            _switch_attention(model)
+        text = config.get_text_config(decoder=True)
+        self.fingerprint = _check_architecture(text)
+        if slack < 0:
+            raise ValueError(f"slack must be >= 0, got {slack}")
+        self.policy = resolve_policy(policy)
+        protection = Protection(sinks, recent)
+        self.budget = None if budget is None else Budget(budget, floor=protection.total)
+        layer_types = _layer_types(text)
+        windows = [text.sliding_window if t == "sliding_attention" else None for t in layer_types]
+        layers = [
+            EvictingLayer(i, len(layer_types), self.policy, self.budget, protection, slack, w, text)
+            for i, w in enumerate(windows)
+        ]
+        super().__init__(layers=layers)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if not 0 <= layer_idx < len(self.layers):
+            raise ValueError(
+                f"this cache was built for {len(self.layers)} layers but got layer {layer_idx}; "
+                "was it built for another model?"
+            )
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def stats(self) -> dict:
+        """Tokens seen, entries kept per layer and KV head, bytes held and evictions so far."""
+        used = [layer for layer in self.layers if layer.is_initialized]
+        return {
+            "policy": str(self.policy),
+            "budget": None if self.budget is None else self.budget.value,
+            "tokens_seen": used[0].real.tolist() if used else [],
+            "logical_length": self.get_seq_length(),
+            "entries": [layer.kv.counts().tolist() for layer in used],
+            "entries_total": sum(int(layer.kv.counts().sum()) for layer in used),
+            "bytes": sum(layer.kv.nbytes() for layer in used),
+            "evicted": sum(layer.evicted for layer in used),
+        }
+
+
+def _switch_attention(model: PreTrainedModel) -> None:
+    """Point the model's language-model attention at the kvevict implementation."""
+    if not getattr(model, "_supports_attention_backend", False):
+        raise ValueError(
+            f"{type(model).__name__} does not use transformers' AttentionInterface, so kvevict cannot attend over "
+            "evicted caches for it"
+        )
+    if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+
+
+def _layer_types(text: PretrainedConfig) -> list[str]:
+    n = text.num_hidden_layers
+    types = list(getattr(text, "layer_types", None) or ["full_attention"] * n)
+    unsupported = sorted(set(types) - set(SUPPORTED_LAYER_TYPES))
+    if unsupported:
+        raise ValueError(f"kvevict supports {SUPPORTED_LAYER_TYPES} layers; this model also has {unsupported}")
+    return types
+
+
+def _check_architecture(text: PretrainedConfig) -> tuple:
+    """Reject models without standard multi-head attention layers; return a fingerprint of the rest."""
+    missing = [a for a in ("num_hidden_layers", "num_attention_heads") if getattr(text, a, None) is None]
+    if missing:
+        raise ValueError(f"{type(text).__name__} lacks {missing}: not a model with standard attention layers")
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return (text.model_type, text.num_hidden_layers, heads, head_dim)

@@ -1,0 +1,76 @@
+"""Bad input gets a clear error naming the problem."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import MambaConfig
+
+from kvevict import EvictionCache
+from conftest import prompt, tiny_gemma3, tiny_llama
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(budget=36), "must exceed the protected"),  # 4 sinks + 32 recent
+        (dict(budget=-3), "must exceed the protected"),
+        (dict(budget=1.5), r"fraction.*\(0, 1\]"),
+        (dict(budget=0.0), r"fraction.*\(0, 1\]"),
+        (dict(budget="half"), "budget must be"),
+        (dict(budget=True), "budget must be"),
+        (dict(policy="nope"), "unknown scorer 'nope'"),
+        (dict(policy="nowhere:streaming"), "unknown allocator 'nowhere'"),
+        (dict(policy=3), "policy must be"),
+        (dict(sinks=-1), "sinks and recent"),
+        (dict(slack=-1), "slack"),
+    ],
+)
+def test_bad_arguments(llama, kw, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        EvictionCache(llama, **kw)
+
+
+def test_model_without_attention_layers():
+    cfg = MambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2)
+    with pytest.raises(ValueError, match="standard attention"):
+        EvictionCache(cfg)
+
+
+def test_reuse_with_other_batch_size(llama):
+    cache = EvictionCache(llama, budget=64)
+    llama(prompt(10), past_key_values=cache)
+    with pytest.raises(ValueError, match="batch of 1 rows but got 2"):
+        llama(prompt(10, batch=2), past_key_values=cache)
+
+
+def test_reuse_with_other_model(llama):
+    cache = EvictionCache(llama, budget=64)
+    llama(prompt(10), past_key_values=cache)
+    with pytest.raises(ValueError, match="another model"):
+        tiny_gemma3()(prompt(4), past_key_values=cache)
+
+
+def test_dtype_mismatch(llama):
+    cache = EvictionCache(llama, budget=64)
+    llama(prompt(10), past_key_values=cache)
+    with pytest.raises(ValueError, match="float32 on cpu but the cache holds torch.float64"):
+        tiny_llama().float()(prompt(4), past_key_values=cache)
+
+
+def test_model_not_using_kvevict_attention():
+    model = tiny_llama()
+    cache = EvictionCache(model.config, budget=64)
+    with pytest.raises(RuntimeError, match="attn_implementation='kvevict'"):
+        model(prompt(5), past_key_values=cache)
+
+
+def test_kvevict_attention_without_eviction_cache_is_sdpa():
+    model = tiny_llama()
+    ids = prompt(12, batch=2)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    reference = model(ids, attention_mask=mask).logits
+    EvictionCache(model, budget=64)  # switches the model to kvevict attention
+    assert model.config._attn_implementation == "kvevict"
+    assert torch.allclose(model(ids, attention_mask=mask).logits, reference)
