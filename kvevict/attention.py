@@ -124,7 +124,7 @@ def kvevict_attention(
     mask, is_causal = build_mask(positions, query.shape[2], layer.seen, attention_mask, layer.sliding_window,
                                  layer.kv.has_holes)
     out = attend(query, key, value, mask, scaling, is_causal)
-    layer.after_attention(query, attention_mask)
+    layer.after_attention(query, attention_mask, module, module.scaling if scaling is None else scaling)
     return out, None
 
 

@@ -10,7 +10,9 @@ every forward pass: chunked prefill and decoding alike, once a head holds more t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
@@ -53,6 +55,7 @@ class EvictingLayer(CacheLayerMixin):
     def __init__(
         self,
         layer_idx: int,
+        depth: int,
         num_layers: int,
         policy: Policy,
         budget: Budget | None,
@@ -62,7 +65,8 @@ class EvictingLayer(CacheLayerMixin):
         config: PretrainedConfig | None = None,
     ) -> None:
         super().__init__()
-        self.layer_idx, self.num_layers = layer_idx, num_layers
+        # depth: index among the model's full-attention layers, num_layers: how many there are
+        self.layer_idx, self.depth, self.num_layers = layer_idx, depth, num_layers
         self.policy, self.budget, self.protection, self.slack = policy, budget, protection, slack
         self.sliding_window = sliding_window
         self.config = config
@@ -72,6 +76,11 @@ class EvictingLayer(CacheLayerMixin):
         self.sink_end: torch.Tensor | None = None  # [B] logical position after the row's last sink
         self.real_min = 0  # min(real), kept as an int to avoid device syncs when decoding
         self.evicted = 0
+        self.since_eviction = 0
+        self.window: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # recent queries
+        self.module: torch.nn.Module | None = None
+        self.scaling = 1.0
+        self.on_forward_end: Callable[[], None] | None = None  # set on the last layer by a global policy
 
     @property
     def is_sliding(self) -> bool:  # read by transformers' mask creation
@@ -121,6 +130,8 @@ class EvictingLayer(CacheLayerMixin):
         self.seen, self.evicted = 0, 0
         self.real = self.sink_end = None
         self.real_min = 0
+        self.since_eviction = 0
+        self.window = None
         self.is_initialized = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -156,31 +167,54 @@ class EvictingLayer(CacheLayerMixin):
         self.real_min = int(self.real.min())
         self.kv.compact(~dropped)
         self.keys, self.values = self.kv.keys, self.kv.values
+        if self.window is not None:
+            q, pos, real = self.window
+            kept = pos < new_seen
+            self.window = (q[:, :, kept], pos[kept], real[:, kept])
         self.sink_end = self.sink_end.clamp(max=new_seen)
         self.seen = new_seen
 
     # --- eviction ---------------------------------------------------------------------------------
-    def after_attention(self, queries: torch.Tensor, info: KVMask | None) -> None:
-        """Called by the attention function once the new entries were attended: drop pads, evict."""
+    def after_attention(self, queries: torch.Tensor, info: KVMask | None, module: torch.nn.Module,
+                        scaling: float) -> None:
+        """Called by the attention function once the new entries were attended: drop pads, score, evict.
+
+        ``queries`` ``[B, Hq, q, D]`` are this forward pass's queries (after RoPE).
+        """
         q = queries.shape[2]
-        has_pads = info is not None and info.padding is not None
-        if has_pads or self.real_min < self.protection.sinks:
-            self._track_new_tokens(q, info.padding if has_pads else None)
+        padding = None if info is None else info.padding
+        is_real = None
+        if padding is not None or self.real_min < self.protection.sinks:
+            is_real = self._track_new_tokens(q, padding)
         else:
             self.real += q
             self.real_min += q
+        self.module, self.scaling = module, scaling
+        self.since_eviction += q
         if self.sliding_window is not None:
             keep = self.kv.positions > self.seen - self.sliding_window
-            if has_pads or not bool(keep[..., :1].all()):
+            if padding is not None or not bool(keep[..., :1].all()):
                 self.evicted += self.kv.compact(keep)
-        elif self.budget is not None:
-            self._evict(queries, force=has_pads)
-        elif has_pads:
-            self.kv.compact(self.kv.valid())
+        else:
+            scorer = self.policy.scorer
+            if scorer.query_window:
+                self._remember_queries(queries.detach(), is_real)
+            if scorer.observes:
+                q_pos = torch.arange(self.seen - q, self.seen, device=self.device)
+                scorer.observe(self.score_inputs(queries.detach(), q_pos, is_real))
+            if self.policy.allocator.scope == "layer":
+                self._evict(force=padding is not None)
+            elif padding is not None:
+                self.kv.compact(self.kv.valid())
         self.keys, self.values = self.kv.keys, self.kv.values
+        if self.on_forward_end is not None:
+            self.on_forward_end()
 
-    def _track_new_tokens(self, q: int, padding: torch.Tensor | None) -> None:
-        """Mark the last ``q`` slots' pads empty; update real-token counts and each row's sink span."""
+    def _track_new_tokens(self, q: int, padding: torch.Tensor | None) -> torch.Tensor:
+        """Mark the last ``q`` slots' pads empty; update real-token counts and each row's sink span.
+
+        Returns ``[B, q]`` bool: which new tokens are real.
+        """
         new = self.kv.positions[..., -q:]  # [B, H, q]
         if padding is None:
             is_real = torch.ones(new.shape[0], q, dtype=torch.bool, device=self.device)
@@ -193,30 +227,67 @@ class EvictingLayer(CacheLayerMixin):
         self.sink_end = torch.maximum(self.sink_end, ends)
         self.real = self.real + is_real.long().sum(-1)
         self.real_min = int(self.real.min())
+        return is_real
 
-    def _evict(self, queries: torch.Tensor, force: bool) -> None:
-        """Evict, in each row holding more than ``budget + slack`` entries in some head, down to the budget."""
-        if not force and not self.kv.has_holes and self.kv.length <= self.budget.entries_for(self.real_min) + self.slack:
-            return  # fast path: every head of every row is within budget + slack
-        budget = self.budget.entries(self.real)  # [B]
-        over = (self.kv.counts() > (budget + self.slack)[:, None]).any(-1)  # [B]
-        if not force and not bool(over.any()):
-            return
+    def _remember_queries(self, queries: torch.Tensor, is_real: torch.Tensor | None) -> None:
+        """Keep the last ``scorer.query_window`` queries ``[B, Hq, w, D]`` with positions and pad flags."""
+        w, q = self.policy.scorer.query_window, queries.shape[2]
+        pos = torch.arange(self.seen - q, self.seen, device=self.device)
+        real = torch.ones(queries.shape[0], q, dtype=torch.bool, device=self.device) if is_real is None else is_real
+        if self.window is not None:
+            queries = torch.cat([self.window[0], queries], dim=2)
+            pos = torch.cat([self.window[1], pos])
+            real = torch.cat([self.window[2], real], dim=1)
+        self.window = (queries[:, :, -w:], pos[-w:], real[:, -w:])
+
+    def score_inputs(self, queries: torch.Tensor | None = None, query_positions: torch.Tensor | None = None,
+                     query_real: torch.Tensor | None = None) -> ScoreInputs:
+        """What the scorer sees now; by default the remembered query window."""
+        if queries is None and self.window is not None:
+            queries, query_positions, query_real = self.window
+        return ScoreInputs(
+            keys=self.kv.keys, values=self.kv.values, positions=self.kv.positions, layer_idx=self.layer_idx,
+            seen=self.seen, scaling=self.scaling, state=self.kv.extra, queries=queries,
+            query_positions=query_positions, query_real=query_real, module=self.module,
+        )
+
+    def selection_inputs(self, budget: torch.Tensor) -> SelectionInputs:
+        """Score the entries and mark what is protected (first real tokens, recent window)."""
         pos = self.kv.positions
         valid = pos >= 0
-        protected = valid & (
-            (pos < self.sink_end[:, None, None]) | (pos >= self.seen - self.protection.recent)
-        )
-        inputs = ScoreInputs(
-            keys=self.kv.keys, values=self.kv.values, positions=pos, layer_idx=self.layer_idx, seen=self.seen,
-            queries=queries if "queries" in self.policy.needs else None, state=self.kv.extra,
-        )
-        scores = self.policy.scorer.score(inputs)
-        keep = self.policy.allocator.select(
-            SelectionInputs(scores, valid, protected, budget, self.layer_idx, self.num_layers)
-        )
+        protected = valid & ((pos < self.sink_end[:, None, None]) | (pos >= self.seen - self.protection.recent))
+        scores = self.policy.scorer.score(self.score_inputs())
+        return SelectionInputs(scores, valid, protected, budget, self.depth, self.num_layers)
+
+    def layer_budget(self) -> torch.Tensor:
+        """``[B]`` entries per KV head each row may keep in this layer."""
+        factor = self.policy.allocator.layer_factor(self.depth, self.num_layers)
+        return torch.ceil(self.budget.entries(self.real).double() * factor).long()
+
+    def _evict(self, force: bool) -> None:
+        """Evict, in each row holding more than ``budget + slack`` entries in some head, down to the budget."""
+        allocator = self.policy.allocator
+        if allocator.needs_budget:
+            if self.budget is None:
+                return
+            factor = allocator.layer_factor(self.depth, self.num_layers)
+            limit = math.ceil(self.budget.entries_for(self.real_min) * factor) + self.slack
+            if not force and not self.kv.has_holes and self.kv.length <= limit:
+                return  # fast path: every head of every row is within budget + slack
+            budget = self.layer_budget()
+            over = (self.kv.counts() > (budget + self.slack)[:, None]).any(-1)  # [B]
+        else:
+            if not force and self.since_eviction < self.slack:
+                return
+            budget = self.kv.counts().amax(-1)
+            over = torch.ones_like(budget, dtype=torch.bool)
+        if not force and not bool(over.any()):
+            return
+        self.since_eviction = 0
+        inputs = self.selection_inputs(budget)
+        keep = allocator.select(inputs)
         # Rows within budget keep everything, as they would if they ran alone.
-        self.evicted += self.kv.compact(torch.where(over[:, None, None], keep, valid))
+        self.evicted += self.kv.compact(torch.where(over[:, None, None], keep, inputs.valid))
 
     # --- helpers ----------------------------------------------------------------------------------
     def _check_compatible(self, key_states: torch.Tensor) -> None:
@@ -244,6 +315,9 @@ class EvictingLayer(CacheLayerMixin):
         self.real = self.real.index_select(0, index.to(self.device))
         self.sink_end = self.sink_end.index_select(0, index.to(self.device))
         self.real_min = int(self.real.min())
+        if self.window is not None:
+            q, pos, real = self.window
+            self.window = (q.index_select(0, index.to(q.device)), pos, real.index_select(0, index.to(q.device)))
         self.keys, self.values = self.kv.keys, self.kv.values
 
 
@@ -280,15 +354,40 @@ class EvictionCache(Cache):
         if slack < 0:
             raise ValueError(f"slack must be >= 0, got {slack}")
         self.policy = resolve_policy(policy)
+        if not self.policy.allocator.needs_budget and budget is not None:
+            raise ValueError(f"{self.policy.allocator!r} sets the budget itself: pass budget=None")
         protection = Protection(sinks, recent)
         self.budget = None if budget is None else Budget(budget, floor=protection.total)
+        self.slack = slack
         layer_types = _layer_types(text)
         windows = [text.sliding_window if t == "sliding_attention" else None for t in layer_types]
+        depths = (torch.tensor([w is None for w in windows]).cumsum(0) - 1).tolist()
         layers = [
-            EvictingLayer(i, len(layer_types), self.policy, self.budget, protection, slack, w, text)
-            for i, w in enumerate(windows)
+            EvictingLayer(i, depth, windows.count(None), self.policy, self.budget, protection, slack, w, text)
+            for i, (depth, w) in enumerate(zip(depths, windows))
         ]
         super().__init__(layers=layers)
+        full = [layer for layer in layers if layer.sliding_window is None]
+        if self.policy.allocator.scope == "global" and self.budget is not None and full:
+            full[-1].on_forward_end = self._evict_globally
+
+    def _evict_globally(self) -> None:
+        """Global top-k over all full-attention layers, once per forward pass (after the last one)."""
+        full = [layer for layer in self.layers if layer.sliding_window is None]
+        heads = full[0].kv.keys.shape[1]
+        limit = len(full) * heads * (self.budget.entries_for(full[0].real_min) + self.slack)
+        if not any(layer.kv.has_holes for layer in full) and sum(l.kv.length for l in full) * heads <= limit:
+            return  # fast path: within budget + slack everywhere
+        budget = self.budget.entries(full[0].real)  # [B]
+        held = sum(layer.kv.counts().sum(-1) for layer in full)  # [B]
+        over = held > len(full) * heads * (budget + self.slack)
+        if not bool(over.any()):
+            return
+        inputs = [layer.selection_inputs(budget) for layer in full]
+        keeps = self.policy.allocator.select_all(inputs, len(full) * heads * budget)
+        for layer, x, keep in zip(full, inputs, keeps):
+            layer.evicted += layer.kv.compact(torch.where(over[:, None, None], keep, x.valid))
+            layer.keys, layer.values = layer.kv.keys, layer.kv.values
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if not 0 <= layer_idx < len(self.layers):

@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .scoring import SCORERS, Scorer
-from .selection import ALLOCATORS, Allocator, Uniform
+from .scoring import SCORERS, CriticalKV, Scorer
+from .selection import ALLOCATORS, Allocator, Uniform, make_allocator
+
+CRITICAL = "critical-"
 
 
 @dataclass(frozen=True)
@@ -19,21 +21,24 @@ class Policy:
     scorer: Scorer
     allocator: Allocator = field(default_factory=Uniform)
 
-    @property
-    def needs(self) -> frozenset[str]:
-        return self.scorer.needs
+    def __post_init__(self) -> None:
+        self.allocator.check_scorer(self.scorer)
 
     def __str__(self) -> str:
         return f"{self.allocator.name}:{self.scorer.name}"
 
 
 def available_policies() -> list[str]:
-    """Names accepted by :func:`resolve_policy`: ``scorer`` or ``allocator:scorer``."""
-    return sorted(SCORERS) + [f"{a}:{s}" for a in sorted(ALLOCATORS) for s in sorted(SCORERS)]
+    """Names accepted by :func:`resolve_policy`: ``[allocator:][critical-]scorer``."""
+    return sorted(SCORERS) + sorted(f"{CRITICAL}{s}" for s in SCORERS) + [f"{a}:" for a in sorted(ALLOCATORS)]
 
 
 def resolve_policy(spec: str | Policy | Scorer) -> Policy:
-    """Turn ``"streaming"``, ``"uniform:streaming"``, a :class:`Scorer` or a :class:`Policy` into a Policy."""
+    """Turn a name, a :class:`Scorer` or a :class:`Policy` into a Policy.
+
+    Names: ``"snapkv"`` (uniform allocation), ``"adakv:snapkv"``, ``"pyramid:critical-tova"``
+    (CriticalKV reweighting of TOVA), ``"global-sum:h2o"``, ``"threshold:knorm"``.
+    """
     if isinstance(spec, Policy):
         return spec
     if isinstance(spec, Scorer):
@@ -42,11 +47,14 @@ def resolve_policy(spec: str | Policy | Scorer) -> Policy:
         raise TypeError(f"policy must be a name, a Scorer or a Policy, got {type(spec).__name__}")
     allocator_name, _, scorer_name = spec.rpartition(":")
     allocator_name = allocator_name or "uniform"
-    if scorer_name not in SCORERS:
-        raise ValueError(f"unknown scorer {scorer_name!r} in policy {spec!r}; known: {sorted(SCORERS)}")
+    critical = scorer_name.startswith(CRITICAL)
+    base_name = scorer_name.removeprefix(CRITICAL)
+    if base_name not in SCORERS:
+        raise ValueError(f"unknown scorer {base_name!r} in policy {spec!r}; known: {sorted(SCORERS)}")
     if allocator_name not in ALLOCATORS:
         raise ValueError(f"unknown allocator {allocator_name!r} in policy {spec!r}; known: {sorted(ALLOCATORS)}")
-    return Policy(SCORERS[scorer_name](), ALLOCATORS[allocator_name]())
+    scorer = SCORERS[base_name]()
+    return Policy(CriticalKV(scorer) if critical else scorer, make_allocator(allocator_name))
 
 
 @dataclass(frozen=True)

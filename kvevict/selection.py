@@ -1,4 +1,8 @@
-"""Selection: who stays under the budget, given scores. Separate from scoring."""
+"""Selection: who stays under the budget, given scores. Separate from scoring.
+
+Layer-scope allocators decide inside one layer, at that layer's forward pass. The global allocator
+decides across all full-attention layers at once, at the end of the forward pass.
+"""
 
 from __future__ import annotations
 
@@ -11,29 +15,52 @@ import torch
 @dataclass(frozen=True)
 class SelectionInputs:
     """Scores ``[B, H, S]`` with the slot masks ``valid`` and ``protected`` (both ``[B, H, S]``)
-    and the per-row budget ``budget`` ``[B]`` in entries per KV head of this layer."""
+    and the per-row budget ``budget`` ``[B]`` in entries per KV head of this layer, which is the
+    ``depth``-th of the model's ``num_layers`` full-attention layers."""
 
     scores: torch.Tensor
     valid: torch.Tensor
     protected: torch.Tensor
     budget: torch.Tensor
-    layer_idx: int
+    depth: int
     num_layers: int
+
+    def ranked(self) -> torch.Tensor:
+        """Scores with protected slots at +inf and empty slots at -inf (float32)."""
+        return torch.where(self.protected, torch.inf, self.scores.float()).masked_fill(~self.valid, -torch.inf)
 
 
 class Allocator:
     """Base class of allocators: turn scores into a keep mask ``[B, H, S]``.
 
     Contract: protected valid slots are always kept; empty slots never are.
+    ``needs_budget`` = False means the allocator sets the budget itself (threshold).
     """
 
     name: ClassVar[str]
+    scope: ClassVar[str] = "layer"
+    needs_budget: ClassVar[bool] = True
+
+    def layer_factor(self, depth: int, num_layers: int) -> float:
+        """The ``depth``-th full-attention layer's share of the average per-head budget (1.0: every layer gets the budget)."""
+        return 1.0
 
     def select(self, inputs: SelectionInputs) -> torch.Tensor:
         raise NotImplementedError
 
+    def check_scorer(self, scorer) -> None:
+        """Raise if this allocator cannot use ``scorer``'s scores."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def topk_per_head(ranked: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+    """Keep mask ``[B, H, S]``: per (row, head) the ``budget[row]`` highest finite-or-inf ``ranked`` slots."""
+    k = min(int(budget.max()), ranked.shape[-1])
+    values, index = ranked.topk(k, dim=-1)
+    within = torch.arange(k, device=ranked.device) < budget.to(ranked.device).view(-1, 1, 1)
+    return torch.zeros_like(ranked, dtype=torch.bool).scatter(-1, index, within & (values > -torch.inf))
 
 
 class Uniform(Allocator):
@@ -42,19 +69,146 @@ class Uniform(Allocator):
     name = "uniform"
 
     def select(self, inputs: SelectionInputs) -> torch.Tensor:
-        return topk_per_head(inputs.scores, inputs.valid, inputs.protected, inputs.budget)
+        return topk_per_head(inputs.ranked(), inputs.budget) | (inputs.protected & inputs.valid)
 
 
-def topk_per_head(
-    scores: torch.Tensor, valid: torch.Tensor, protected: torch.Tensor, budget: torch.Tensor
-) -> torch.Tensor:
-    """Keep mask ``[B, H, S]``: per (row, head) the ``budget[row]`` best valid slots, protected first."""
-    ranked = torch.where(protected, torch.inf, scores.float()).masked_fill(~valid, -torch.inf)
-    k = min(int(budget.max()), ranked.shape[-1])
-    values, index = ranked.topk(k, dim=-1)
-    within = torch.arange(k, device=ranked.device) < budget.to(ranked.device).view(-1, 1, 1)
-    keep = torch.zeros_like(valid)
-    return keep.scatter(-1, index, within & (values > -torch.inf))
+class Pyramid(Allocator):
+    """PyramidKV-style: per-layer budgets falling linearly with depth, averaging to the budget.
+
+    Layer ``l`` of ``L`` keeps ``budget * (1 + spread * (1 - 2 l / (L - 1)))`` entries per head.
+    """
+
+    name = "pyramid"
+
+    def __init__(self, spread: float = 0.5) -> None:
+        if not 0.0 <= spread < 1.0:
+            raise ValueError(f"pyramid spread must lie in [0, 1), got {spread}")
+        self.spread = spread
+
+    def layer_factor(self, depth: int, num_layers: int) -> float:
+        return 1.0 + self.spread * (1.0 - 2.0 * depth / max(num_layers - 1, 1))
+
+    def select(self, inputs: SelectionInputs) -> torch.Tensor:
+        return topk_per_head(inputs.ranked(), inputs.budget) | (inputs.protected & inputs.valid)
 
 
-ALLOCATORS: dict[str, type[Allocator]] = {cls.name: cls for cls in (Uniform,)}
+class AdaKV(Allocator):
+    """AdaKV-style head-wise budgets: the layer's ``H x budget`` entries go to the best scores of any
+    head, after each head got a safeguard of ``floor x budget`` of its own best entries."""
+
+    name = "adakv"
+
+    def __init__(self, floor: float = 0.2) -> None:
+        if not 0.0 <= floor <= 1.0:
+            raise ValueError(f"adakv floor must lie in [0, 1], got {floor}")
+        self.floor = floor
+
+    def select(self, inputs: SelectionInputs) -> torch.Tensor:
+        ranked = inputs.ranked()
+        b, h, s = ranked.shape
+        safeguard = torch.ceil(inputs.budget.double() * self.floor).long()
+        keep = topk_per_head(ranked, safeguard)
+        extra = (h * inputs.budget - keep.sum((1, 2))).clamp(min=0)  # [B]
+        rest = ranked.masked_fill(keep, -torch.inf).flatten(1)
+        k = min(int(extra.max()), rest.shape[1])
+        values, index = rest.topk(k, dim=-1)
+        within = torch.arange(k, device=rest.device) < extra.view(-1, 1)
+        more = torch.zeros_like(rest, dtype=torch.bool).scatter(-1, index, within & (values > -torch.inf))
+        return keep | more.view(b, h, s) | (inputs.protected & inputs.valid)
+
+
+class Threshold(Allocator):
+    """Keep every entry scoring at least ``tau`` (DMS / KVzap style): the budget adapts to the input."""
+
+    name = "threshold"
+    needs_budget = False
+
+    def __init__(self, tau: float = 0.0) -> None:
+        self.tau = tau
+
+    def select(self, inputs: SelectionInputs) -> torch.Tensor:
+        return inputs.valid & ((inputs.scores >= self.tau) | inputs.protected)
+
+    def __repr__(self) -> str:
+        return f"Threshold(tau={self.tau})"
+
+
+class Global(Allocator):
+    """One budget for all full-attention layers and heads: global top-k of the scores.
+
+    Needs scores on one scale: a calibrated scorer, or a normalisation of each (row, layer, head)'s
+    scores over its entries: ``"sum"`` (shares of the head's total, for non-negative scores such as
+    attention) or ``"zscore"``.
+    """
+
+    name = "global"
+    scope = "global"
+
+    def __init__(self, normalize: str | None = None) -> None:
+        if normalize not in (None, "sum", "zscore"):
+            raise ValueError(f"global normalize must be None, 'sum' or 'zscore', got {normalize!r}")
+        self.normalize = normalize
+
+    def check_scorer(self, scorer) -> None:
+        if self.normalize is None and not scorer.calibrated:
+            raise ValueError(
+                f"global top-k compares scores across layers and heads, but {scorer.name!r} scores are not "
+                "calibrated to one scale; use Global(normalize='sum' or 'zscore') (names: 'global-sum:', "
+                "'global-zscore:') or a calibrated policy"
+            )
+
+    def select_all(self, layers: list[SelectionInputs], total: torch.Tensor) -> list[torch.Tensor]:
+        """Keep masks for every layer, ``total`` ``[B]`` entries per row across them all."""
+        ranked = [self._normalized(x) for x in layers]
+        flat = torch.cat([r.flatten(1) for r in ranked], dim=1)  # [B, N]
+        k = min(int(total.max()), flat.shape[1])
+        values, index = flat.topk(k, dim=-1)
+        within = torch.arange(k, device=flat.device) < total.to(flat.device).view(-1, 1)
+        keep = torch.zeros_like(flat, dtype=torch.bool).scatter(-1, index, within & (values > -torch.inf))
+        out, start = [], 0
+        for x, r in zip(layers, ranked):
+            n = r[0].numel()
+            out.append(keep[:, start : start + n].view_as(r) | (x.protected & x.valid))
+            start += n
+        return out
+
+    def _normalized(self, x: SelectionInputs) -> torch.Tensor:
+        s = x.scores.float()
+        if self.normalize == "sum":
+            if bool((s[x.valid] < 0).any()):
+                raise ValueError("global 'sum' normalisation needs non-negative scores; use 'zscore'")
+            s = s / s.masked_fill(~x.valid, 0).sum(-1, keepdim=True).clamp(min=1e-30)
+        elif self.normalize == "zscore":
+            n = x.valid.sum(-1, keepdim=True).clamp(min=1)
+            mean = s.masked_fill(~x.valid, 0).sum(-1, keepdim=True) / n
+            var = ((s - mean) ** 2).masked_fill(~x.valid, 0).sum(-1, keepdim=True) / n
+            s = (s - mean) / var.sqrt().clamp(min=1e-12)
+        return torch.where(x.protected, torch.inf, s).masked_fill(~x.valid, -torch.inf)
+
+    def select(self, inputs: SelectionInputs) -> torch.Tensor:
+        raise RuntimeError("the global allocator selects across layers (select_all), not per layer")
+
+    def __repr__(self) -> str:
+        return f"Global(normalize={self.normalize!r})"
+
+
+ALLOCATORS: dict[str, type[Allocator] | tuple[type[Allocator], dict]] = {
+    "uniform": Uniform,
+    "pyramid": Pyramid,
+    "adakv": AdaKV,
+    "threshold": Threshold,
+    "global": Global,
+    "global-sum": (Global, {"normalize": "sum"}),
+    "global-zscore": (Global, {"normalize": "zscore"}),
+}
+
+
+def make_allocator(name: str) -> Allocator:
+    """Instantiate a registered allocator by name."""
+    entry = ALLOCATORS[name]
+    cls, kwargs = entry if isinstance(entry, tuple) else (entry, {})
+    return cls(**kwargs)
+
+
+__all__ = ["ALLOCATORS", "AdaKV", "Allocator", "Global", "Pyramid", "SelectionInputs", "Threshold", "Uniform",
+           "make_allocator", "topk_per_head"]

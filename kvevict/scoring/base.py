@@ -10,12 +10,15 @@ import torch
 
 @dataclass(frozen=True)
 class ScoreInputs:
-    """What a scorer may look at when the cache selects entries in one layer.
+    """What a scorer may look at in one layer.
 
     keys ``[B, H, S, D]`` (after RoPE), values ``[B, H, S, Dv]``, positions ``[B, H, S]`` (logical
-    token index, ``-1`` for an empty slot), queries ``[B, Hq, q, D]`` of the forward pass that
-    triggered the selection (only when the scorer ``needs`` them), ``state`` the per-slot tensors the
-    scorer keeps in the layer's storage.
+    token index, ``-1`` for an empty slot). ``queries`` ``[B, Hq, w, D]`` (after RoPE) are the last
+    ``w`` queries at their logical ``query_positions`` ``[w]``; ``query_real`` ``[B, w]`` marks the
+    ones that are not padding. For :meth:`Scorer.score` they are the recent-query window (``w`` up
+    to ``Scorer.query_window``); for :meth:`Scorer.observe` the queries of the current forward pass.
+    ``state`` holds per-slot tensors ``[B, H, S, ...]`` the scorer owns (gathered on eviction).
+    ``module`` is the attention module (e.g. for its output projection), ``scaling`` its softmax scale.
     """
 
     keys: torch.Tensor
@@ -23,23 +26,70 @@ class ScoreInputs:
     positions: torch.Tensor
     layer_idx: int
     seen: int
+    scaling: float
+    state: dict[str, torch.Tensor]
     queries: torch.Tensor | None = None
-    state: dict[str, torch.Tensor] | None = None
+    query_positions: torch.Tensor | None = None
+    query_real: torch.Tensor | None = None
+    module: torch.nn.Module | None = None
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """``[B, H, S]`` bool: slots holding an entry."""
+        return self.positions >= 0
 
 
 class Scorer:
     """Base class of scorers. Subclasses set ``name`` and implement :meth:`score`.
 
-    ``needs`` declares what the scorer reads beyond keys/values/positions: ``"queries"`` makes the
-    attention pass hand over the current queries. Scores of empty slots are ignored.
+    What a scorer needs is declared, so the cache computes nothing it does not use:
+    ``query_window`` > 0 keeps that many recent queries per layer for :meth:`score`;
+    ``observes`` = True calls :meth:`observe` after every forward pass with its queries.
+    ``calibrated`` = True promises scores on one scale across layers and heads (needed by the
+    global allocator without normalisation).
     """
 
     name: ClassVar[str]
-    needs: ClassVar[frozenset[str]] = frozenset()
+    query_window: int = 0
+    observes: ClassVar[bool] = False
+    calibrated: ClassVar[bool] = False
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         """Return ``[B, H, S]`` float scores; higher means more worth keeping."""
         raise NotImplementedError
 
+    def observe(self, inputs: ScoreInputs) -> None:
+        """Update ``inputs.state`` from the current forward pass (only when ``observes``)."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def attention_probs(inputs: ScoreInputs, block: int = 256) -> torch.Tensor:
+    """Causal softmax attention of ``inputs.queries`` over the stored entries.
+
+    Returns ``[B, H, w, S]`` float32: per KV head, averaged over its query group; rows of padding
+    queries are zero. Computed in query blocks to bound memory.
+    """
+    q = inputs.queries
+    b, hq, w, d = q.shape
+    h = inputs.keys.shape[1]
+    keys = inputs.keys.float()
+    kv_pos = inputs.positions[:, :, None, None, :]  # [B, H, 1, 1, S]
+    out = []
+    for start in range(0, w, block):
+        qb = q[:, :, start : start + block].float().reshape(b, h, hq // h, -1, d)
+        logits = torch.einsum("bhgqd,bhsd->bhgqs", qb, keys) * inputs.scaling
+        q_pos = inputs.query_positions[start : start + block].view(1, 1, 1, -1, 1)
+        visible = (kv_pos >= 0) & (kv_pos <= q_pos)
+        probs = logits.masked_fill(~visible, -torch.inf).softmax(-1).nan_to_num(0.0).mean(2)
+        if inputs.query_real is not None:
+            probs = probs * inputs.query_real[:, None, start : start + block, None]
+        out.append(probs)
+    return torch.cat(out, dim=2)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """Mean of ``x`` over ``dim`` where ``mask`` (broadcastable) is set."""
+    mask = mask.to(x.dtype)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)

@@ -1,0 +1,39 @@
+"""CriticalKV (Feng et al., 2025) reweighting: a score times the entry's output-projected value norm.
+
+``||W_o v||`` measures how much an entry can move the layer's output; multiplying any scorer's
+(non-negative) score by it favours entries that both draw attention and matter when they do.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Scorer, ScoreInputs
+
+
+class CriticalKV(Scorer):
+    """Wraps a scorer: ``score = base.score * mean over the group's heads of ||W_o[head] v||``."""
+
+    def __init__(self, base: Scorer) -> None:
+        self.base = base
+        self.name = f"critical-{base.name}"
+        self.query_window, self.observes, self.calibrated = base.query_window, base.observes, False
+
+    def observe(self, inputs: ScoreInputs) -> None:
+        self.base.observe(inputs)
+
+    def score(self, inputs: ScoreInputs) -> torch.Tensor:
+        proj = getattr(inputs.module, "o_proj", None)
+        if proj is None:
+            raise ValueError(f"CriticalKV needs the attention module's o_proj; {type(inputs.module).__name__} has none")
+        b, h, s, dv = inputs.values.shape
+        w = proj.weight.float()  # [hidden, Hq * Dv]
+        hq = w.shape[1] // dv
+        w_heads = w.view(-1, h, hq // h, dv)  # [hidden, H, G, Dv]
+        gram = torch.einsum("ohgv,ohgu->hgvu", w_heads, w_heads)  # ||W v||^2 = v^T (W^T W) v
+        v = inputs.values.float()
+        norms = torch.einsum("bhsv,hgvu,bhsu->bhgs", v, gram, v).clamp(min=0).sqrt()
+        return self.base.score(inputs).float() * norms.mean(2)
+
+    def __repr__(self) -> str:
+        return f"CriticalKV({self.base!r})"

@@ -1,0 +1,17 @@
+"""KeyDiff (Park et al., 2025): keep the keys least similar to the head's mean key."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import Scorer, ScoreInputs, masked_mean
+
+
+class KeyDiff(Scorer):
+    name = "keydiff"
+
+    def score(self, inputs: ScoreInputs) -> torch.Tensor:
+        keys = inputs.keys.float()
+        anchor = masked_mean(keys, inputs.valid[..., None], dim=2)  # [B, H, D]
+        return -F.cosine_similarity(keys, anchor[:, :, None, :], dim=-1)

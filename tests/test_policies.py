@@ -1,0 +1,146 @@
+"""The policy suite: scorers keep the top of their scores, allocators respect their budgets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvevict import EvictionCache, Policy
+from kvevict.policy import resolve_policy
+from kvevict.scoring import SCORERS, Scorer, ScoreInputs
+from kvevict.selection import AdaKV, Global, Pyramid, Threshold, Uniform
+from conftest import prompt, tiny_gemma3, tiny_llama
+
+SCORER_NAMES = sorted(SCORERS) + ["critical-snapkv"]
+PROTECT = dict(sinks=2, recent=4)
+
+
+class Recording(Scorer):
+    """Wraps a scorer and records, per layer, the positions and scores of its last call."""
+
+    name = "recording"
+
+    def __init__(self, base: Scorer) -> None:
+        self.base, self.query_window, self.observes = base, base.query_window, base.observes
+        self.calls: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
+
+    def observe(self, inputs: ScoreInputs) -> None:
+        self.base.observe(inputs)
+
+    def score(self, inputs: ScoreInputs) -> torch.Tensor:
+        scores = self.base.score(inputs)
+        self.calls[inputs.layer_idx] = (inputs.positions.clone(), scores.clone(), inputs.seen)
+        return scores
+
+
+@pytest.mark.parametrize("name", SCORER_NAMES)
+def test_kept_set_is_top_of_scores(llama, name):
+    budget = 12
+    recorder = Recording(resolve_policy(name).scorer)
+    cache = EvictionCache(llama, recorder, budget=budget, slack=0, **PROTECT)
+    llama(prompt(40, batch=2), past_key_values=cache)
+    assert len(recorder.calls) == llama.config.num_hidden_layers
+    for layer in cache.layers:
+        positions, scores, seen = recorder.calls[layer.layer_idx]
+        for b in range(2):
+            for h in range(positions.shape[1]):
+                pos, sc = positions[b, h], scores[b, h].float()
+                protected = (pos < PROTECT["sinks"]) | (pos >= seen - PROTECT["recent"])
+                free = (~protected).nonzero().flatten()
+                best = free[sc[free].topk(budget - int(protected.sum())).indices]
+                expected = set(pos[protected].tolist()) | set(pos[best].tolist())
+                assert set(layer.kv.positions[b, h].tolist()) == expected, (name, layer.layer_idx, b, h)
+
+
+@pytest.mark.parametrize("name", ["snapkv", "h2o", "tova", "expected_attention", "adakv:keydiff"])
+def test_padded_batch_equals_rows_alone(name):
+    model = tiny_llama()
+    kw = dict(budget=14, slack=3, **PROTECT)
+    rows = [prompt(45, seed=4)[0], prompt(31, seed=5)[0]]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+    gen = dict(do_sample=False, max_new_tokens=16)  # chunk boundaries would differ between batch and alone
+    batch = model.generate(ids, attention_mask=mask, past_key_values=EvictionCache(model, name, **kw), **gen)
+    for i, r in enumerate(rows):
+        alone = model.generate(r[None], attention_mask=torch.ones_like(r[None]),
+                               past_key_values=EvictionCache(model, name, **kw), **gen)
+        assert torch.equal(batch[i, width:], alone[0, len(r):]), f"row {i}"
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_gemma3], ids=["llama", "gemma3"])
+@pytest.mark.parametrize("name", ["h2o", "snapkv", "pyramid:tova", "global-sum:snapkv"])
+def test_policies_run_through_generate(factory, name):
+    model = factory()
+    cache = EvictionCache(model, name, budget=16, slack=4, **PROTECT)
+    out = model.generate(prompt(50), past_key_values=cache, do_sample=False, max_new_tokens=12,
+                         prefill_chunk_size=16)
+    assert out.shape[1] == 62 and cache.stats()["evicted"] > 0
+
+
+def test_pyramid_budgets_fall_with_depth():
+    model = tiny_llama(layers=4)
+    cache = EvictionCache(model, "pyramid:knorm", budget=20, slack=0, **PROTECT)
+    model(prompt(80), past_key_values=cache)
+    lengths = [layer.kv.length for layer in cache.layers]
+    assert lengths == sorted(lengths, reverse=True) and lengths[0] > 20 > lengths[-1]
+    assert abs(sum(lengths) / len(lengths) - 20) <= 1
+
+
+def test_adakv_headwise_budgets_and_real_memory(llama):
+    budget = 16
+    cache = EvictionCache(llama, Policy(SCORERS["snapkv"](), AdaKV(floor=0.25)), budget=budget, slack=0, **PROTECT)
+    llama(prompt(120), past_key_values=cache)
+    full_bytes = 0
+    for layer in cache.layers:
+        counts = layer.kv.counts()[0]
+        assert int(counts.sum()) <= counts.numel() * budget
+        assert int(counts.min()) >= max(4, budget // 4)  # the safeguard (and the protected entries)
+        # storage is as long as the longest head: bytes held follow the kept entries, not the context
+        assert layer.kv.length == int(counts.max())
+        full_bytes += 120 * counts.numel() * (2 * 16 * 8 + 8)
+    assert cache.stats()["bytes"] < full_bytes / 3
+
+
+def test_global_budget_spans_layers():
+    model = tiny_llama(layers=3)
+    cache = EvictionCache(model, "global-zscore:knorm", budget=16, slack=0, **PROTECT)
+    model(prompt(90), past_key_values=cache)
+    counts = [int(layer.kv.counts().sum()) for layer in cache.layers]
+    heads = model.config.num_key_value_heads
+    assert sum(counts) <= 3 * heads * 16 and len(set(counts)) > 1
+
+
+def test_threshold_keeps_scores_above_tau(llama):
+    recorder = Recording(SCORERS["knorm"]())
+    tau = -0.63  # about the median key norm of the tiny model
+    cache = EvictionCache(llama, Policy(recorder, Threshold(tau)), budget=None, slack=8, **PROTECT)
+    llama(prompt(60), past_key_values=cache)
+    for layer in cache.layers:
+        positions, scores, seen = recorder.calls[layer.layer_idx]
+        keep = (scores >= tau) | (positions < 2) | (positions >= seen - 4)
+        assert torch.equal(layer.kv.counts(), keep.sum(-1))
+    assert 0 < cache.stats()["evicted"] < 60 * 2 * 2
+
+
+def test_policy_errors(llama):
+    with pytest.raises(ValueError, match="not calibrated"):
+        EvictionCache(llama, "global:snapkv", budget=32)
+    with pytest.raises(ValueError, match="pass budget=None"):
+        EvictionCache(llama, "threshold:knorm", budget=32)
+    with pytest.raises(ValueError, match="unknown scorer 'critical-nope'|unknown scorer 'nope'"):
+        EvictionCache(llama, "critical-nope", budget=64)
+    with pytest.raises(ValueError, match="odd"):
+        SCORERS["snapkv"](kernel=4)
+    with pytest.raises(ValueError, match="non-negative"):
+        cache = EvictionCache(llama, Policy(SCORERS["knorm"](), Global("sum")), budget=10, slack=0, **PROTECT)
+        llama(prompt(40), past_key_values=cache)
+
+
+def test_registry_names_resolve():
+    assert isinstance(resolve_policy("snapkv").allocator, Uniform)
+    assert isinstance(resolve_policy("pyramid:snapkv").allocator, Pyramid)
+    policy = resolve_policy("adakv:critical-h2o")
+    assert isinstance(policy.allocator, AdaKV) and policy.scorer.name == "critical-h2o"
