@@ -19,14 +19,8 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from kvevict import EvictionCache
+from kvevict.evaluate import kv_bytes
 from kvevict.models import load_model
-
-
-def kv_bytes(cache) -> int:
-    """Bytes held by a cache's key/value (and kvevict position) tensors."""
-    if isinstance(cache, EvictionCache):
-        return cache.stats()["bytes"]
-    return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers if layer.is_initialized)
 
 
 @torch.inference_mode()

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 ATTN_IMPLEMENTATION = "kvevict"
 
+UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks")  # attention features that change the softmax
+
 _PENDING: ContextVar["EvictingLayer | None"] = ContextVar("kvevict_pending_layer", default=None)
 
 
@@ -109,10 +111,19 @@ def kvevict_attention(
     """
     layer = _take_pending(module)
     if layer is None:
-        mask = attention_mask.standard() if isinstance(attention_mask, KVMask) else attention_mask
-        return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
-    if kwargs.get("softcap") is not None:
-        raise ValueError("kvevict attention does not support attention logit soft-capping")
+        if isinstance(attention_mask, KVMask):
+            expected = attention_mask.sdpa_kwargs["kv_length"]
+            if key.shape[-2] != expected:
+                raise RuntimeError(
+                    f"kvevict attention got {key.shape[-2]} keys without an evicting cache layer handing them over "
+                    f"(the mask expects {expected}); this layer does not go through EvictionCache.update"
+                )
+            attention_mask = attention_mask.standard()
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    unsupported = [k for k in UNSUPPORTED_KWARGS if kwargs.get(k) is not None]
+    if unsupported:
+        raise ValueError(f"kvevict attention does not support {unsupported} (logit soft-capping, attention sinks)")
     if isinstance(attention_mask, torch.Tensor):
         raise ValueError(
             "kvevict attention needs the 2D attention mask (got a prepared 4D mask); pass `attention_mask` as "

@@ -11,6 +11,7 @@ every forward pass: chunked prefill and decoding alike, once a head holds more t
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,6 +20,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .attention import ATTN_IMPLEMENTATION, KVMask, hand_over, register
+from .modality import ModalityMap, image_token_id
 from .policy import Budget, Policy, resolve_policy
 from .scoring import ScoreInputs
 from .selection import SelectionInputs
@@ -50,8 +52,6 @@ class EvictingLayer(CacheLayerMixin):
     last ``sliding_window - 1`` tokens like transformers' sliding layers and are never policy-evicted.
     """
 
-    is_croppable = True
-
     def __init__(
         self,
         layer_idx: int,
@@ -63,28 +63,56 @@ class EvictingLayer(CacheLayerMixin):
         slack: int,
         sliding_window: int | None = None,
         config: PretrainedConfig | None = None,
+        modality: ModalityMap | None = None,
     ) -> None:
+        self.kv: HeadwiseKV | None = None
         super().__init__()
         # depth: index among the model's full-attention layers, num_layers: how many there are
         self.layer_idx, self.depth, self.num_layers = layer_idx, depth, num_layers
         self.policy, self.budget, self.protection, self.slack = policy, budget, protection, slack
         self.sliding_window = sliding_window
         self.config = config
-        self.kv: HeadwiseKV | None = None
+        self.modality = modality or ModalityMap()
+        self.record_past = False  # sliding layers keep their overflow until `crop` (assisted decoding)
         self.seen = 0
         self.real: torch.Tensor | None = None  # [B] real (non-pad) tokens seen per row
         self.sink_end: torch.Tensor | None = None  # [B] logical position after the row's last sink
         self.real_min = 0  # min(real), kept as an int to avoid device syncs when decoding
         self.evicted = 0
         self.since_eviction = 0
+        self.paused = False
         self.window: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # recent queries
         self.module: torch.nn.Module | None = None
         self.scaling = 1.0
+        self.hidden: torch.Tensor | None = None  # attention input of this forward, for needs_hidden scorers
         self.on_forward_end: Callable[[], None] | None = None  # set on the last layer by a global policy
 
     @property
     def is_sliding(self) -> bool:  # read by transformers' mask creation
         return self.sliding_window is not None
+
+    @property
+    def keys(self) -> torch.Tensor | None:  # the transformers layer attributes, views of the storage
+        return None if self.kv is None else self.kv.keys
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        if self.kv is not None and value is not None:
+            self.kv.keys = value  # offload / prefetch move the tensors
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self.kv is None else self.kv.values
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        if self.kv is not None and value is not None:
+            self.kv.values = value
+
+    @property
+    def is_croppable(self) -> bool:
+        """A crop restores the cache exactly only while nothing was evicted."""
+        return self.evicted == 0
 
     # --- transformers layer contract -------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -110,7 +138,6 @@ class EvictingLayer(CacheLayerMixin):
         positions = torch.arange(self.seen, self.seen + q, device=self.device).expand(b, h, q)
         self.kv.append(key_states, value_states, positions)
         self.seen += q
-        self.keys, self.values = self.kv.keys, self.kv.values
         hand_over(self)
         return self.kv.keys, self.kv.values
 
@@ -126,8 +153,9 @@ class EvictingLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.kv, self.keys, self.values = None, None, None
+        self.kv = None
         self.seen, self.evicted = 0, 0
+        self.paused = self.record_past = False
         self.real = self.sink_end = None
         self.real_min = 0
         self.since_eviction = 0
@@ -145,28 +173,42 @@ class EvictingLayer(CacheLayerMixin):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._select_rows(torch.as_tensor(indices, device=self.device))
 
-    def crop(self, tokens_to_remove: int) -> None:
-        """Forget the last ``-tokens_to_remove`` tokens (or keep the first ``tokens_to_remove`` if positive).
+    def activate_past_recording(self) -> None:
+        """Called by assisted decoding: sliding layers keep what leaves the window until ``crop``."""
+        self.record_past = True
 
-        Only tokens still guaranteed to be stored can be forgotten: the protected recent window (or the
-        sliding window), unless nothing was evicted yet.
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last ``-tokens_to_remove`` tokens (``crop(0)`` trims sliding layers back to their window).
+
+        Only tokens still guaranteed to be stored can be forgotten: within the protected recent
+        window once something was evicted; in sliding layers, only while past recording is on.
         """
-        new_seen = self.seen + tokens_to_remove if tokens_to_remove < 0 else min(tokens_to_remove, self.seen)
-        if not self.is_initialized or new_seen == self.seen:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes the negative number of tokens to remove, got {tokens_to_remove}")
+        if not self.is_initialized:
             return
+        new_seen = self.seen + tokens_to_remove
         if new_seen < 0:
             raise ValueError(f"cannot crop {-tokens_to_remove} tokens from a cache that has seen {self.seen}")
-        guaranteed = self.protection.recent if self.sliding_window is None else self.sliding_window - 1
-        if self.evicted and self.seen - new_seen > guaranteed:
+        removed = self.seen - new_seen
+        if self.sliding_window is not None:
+            if removed and not self.record_past and self.seen >= self.sliding_window:
+                raise RuntimeError(
+                    f"layer {self.layer_idx}: a full sliding window cannot be cropped without past recording; "
+                    "call cache.activate_past_recording() before the tokens to roll back"
+                )
+        elif self.evicted and removed > self.protection.recent:
             raise ValueError(
-                f"layer {self.layer_idx}: cannot crop {self.seen - new_seen} tokens: after eviction only the last "
-                f"{guaranteed} are guaranteed to be stored (raise `recent` to allow deeper rollbacks)"
+                f"layer {self.layer_idx}: cannot crop {removed} tokens: after eviction only the last "
+                f"{self.protection.recent} are guaranteed to be stored (raise `recent` to allow deeper rollbacks)"
             )
         dropped = self.kv.positions >= new_seen
-        self.real = self.real - dropped.any(1).sum(-1)  # heads of a row store the same recent tokens
+        self.real = self.real - dropped.sum(-1).amax(-1)  # every head stores the recent tokens
         self.real_min = int(self.real.min())
-        self.kv.compact(~dropped)
-        self.keys, self.values = self.kv.keys, self.kv.values
+        keep = ~dropped
+        if self.sliding_window is not None:
+            keep &= self.kv.positions > new_seen - self.sliding_window
+        self.kv.compact(keep)
         if self.window is not None:
             q, pos, real = self.window
             kept = pos < new_seen
@@ -183,31 +225,33 @@ class EvictingLayer(CacheLayerMixin):
         """
         q = queries.shape[2]
         padding = None if info is None else info.padding
-        is_real = None
         if padding is not None or self.real_min < self.protection.sinks:
             is_real = self._track_new_tokens(q, padding)
+            new_pads = not bool(is_real.all())
         else:
+            is_real, new_pads = None, False
             self.real += q
             self.real_min += q
         self.module, self.scaling = module, scaling
         self.since_eviction += q
         if self.sliding_window is not None:
-            keep = self.kv.positions > self.seen - self.sliding_window
-            if padding is not None or not bool(keep[..., :1].all()):
+            keep = self.kv.valid() if self.record_past else self.kv.positions > self.seen - self.sliding_window
+            if new_pads or not bool(keep[..., :1].all()):
                 self.evicted += self.kv.compact(keep)
-        else:
-            scorer = self.policy.scorer
-            if scorer.query_window:
-                self._remember_queries(queries.detach(), is_real)
-            if scorer.observes:
-                q_pos = torch.arange(self.seen - q, self.seen, device=self.device)
-                scorer.observe(self.score_inputs(queries.detach(), q_pos, is_real))
-            if self.policy.allocator.scope == "layer":
-                self._evict(force=padding is not None)
-            elif padding is not None:
-                self.kv.compact(self.kv.valid())
-        self.keys, self.values = self.kv.keys, self.kv.values
-        if self.on_forward_end is not None:
+            return
+        scorer = self.policy.scorer
+        if is_real is None and (scorer.query_window or scorer.observes):
+            is_real = torch.ones(queries.shape[0], q, dtype=torch.bool, device=self.device)
+        if scorer.query_window:
+            self._remember_queries(queries.detach(), is_real)
+        if scorer.observes:
+            q_pos = torch.arange(self.seen - q, self.seen, device=self.device)
+            scorer.observe(self.score_inputs(queries.detach(), q_pos, is_real))
+            self.hidden = None
+        evicted = self.policy.allocator.scope == "layer" and not self.paused and self._evict(force=new_pads)
+        if new_pads and not evicted:
+            self.kv.compact(self.kv.valid())
+        if self.on_forward_end is not None and not self.paused:
             self.on_forward_end()
 
     def _track_new_tokens(self, q: int, padding: torch.Tensor | None) -> torch.Tensor:
@@ -229,16 +273,15 @@ class EvictingLayer(CacheLayerMixin):
         self.real_min = int(self.real.min())
         return is_real
 
-    def _remember_queries(self, queries: torch.Tensor, is_real: torch.Tensor | None) -> None:
-        """Keep the last ``scorer.query_window`` queries ``[B, Hq, w, D]`` with positions and pad flags."""
+    def _remember_queries(self, queries: torch.Tensor, real: torch.Tensor) -> None:
+        """Keep the last ``scorer.query_window`` queries ``[B, Hq, w, D]`` with positions and pad flags ``[B, q]``."""
         w, q = self.policy.scorer.query_window, queries.shape[2]
         pos = torch.arange(self.seen - q, self.seen, device=self.device)
-        real = torch.ones(queries.shape[0], q, dtype=torch.bool, device=self.device) if is_real is None else is_real
         if self.window is not None:
             queries = torch.cat([self.window[0], queries], dim=2)
             pos = torch.cat([self.window[1], pos])
             real = torch.cat([self.window[2], real], dim=1)
-        self.window = (queries[:, :, -w:], pos[-w:], real[:, -w:])
+        self.window = (queries[:, :, -w:].clone(), pos[-w:], real[:, -w:])  # clone: don't pin the whole chunk
 
     def score_inputs(self, queries: torch.Tensor | None = None, query_positions: torch.Tensor | None = None,
                      query_real: torch.Tensor | None = None) -> ScoreInputs:
@@ -249,6 +292,7 @@ class EvictingLayer(CacheLayerMixin):
             keys=self.kv.keys, values=self.kv.values, positions=self.kv.positions, layer_idx=self.layer_idx,
             seen=self.seen, scaling=self.scaling, state=self.kv.extra, queries=queries,
             query_positions=query_positions, query_real=query_real, module=self.module,
+            image=self.modality.lookup(self.kv.positions), hidden=self.hidden,
         )
 
     def selection_inputs(self, budget: torch.Tensor) -> SelectionInputs:
@@ -256,38 +300,45 @@ class EvictingLayer(CacheLayerMixin):
         pos = self.kv.positions
         valid = pos >= 0
         protected = valid & ((pos < self.sink_end[:, None, None]) | (pos >= self.seen - self.protection.recent))
-        scores = self.policy.scorer.score(self.score_inputs())
-        return SelectionInputs(scores, valid, protected, budget, self.depth, self.num_layers)
+        inputs = self.score_inputs()
+        scores = self.policy.scorer.score(inputs)
+        return SelectionInputs(scores, valid, protected, budget, self.depth, self.num_layers, inputs.image)
 
     def layer_budget(self) -> torch.Tensor:
-        """``[B]`` entries per KV head each row may keep in this layer."""
+        """``[B]`` entries per KV head each row may keep in this layer (never below the protected)."""
         factor = self.policy.allocator.layer_factor(self.depth, self.num_layers)
-        return torch.ceil(self.budget.entries(self.real).double() * factor).long()
+        budget = torch.ceil(self.budget.entries(self.real).double() * factor).long()
+        return budget.clamp(min=self.protection.total + 1)
 
-    def _evict(self, force: bool) -> None:
-        """Evict, in each row holding more than ``budget + slack`` entries in some head, down to the budget."""
+    def _evict(self, force: bool) -> bool:
+        """Evict, in each row over ``budget + slack``, down to the budget. Returns whether it compacted."""
         allocator = self.policy.allocator
         if allocator.needs_budget:
             if self.budget is None:
-                return
+                return False
             factor = allocator.layer_factor(self.depth, self.num_layers)
-            limit = math.ceil(self.budget.entries_for(self.real_min) * factor) + self.slack
-            if not force and not self.kv.has_holes and self.kv.length <= limit:
-                return  # fast path: every head of every row is within budget + slack
+            limit = max(math.ceil(self.budget.entries_for(self.real_min) * factor), self.protection.total + 1)
+            if not force and not self.kv.has_holes and self.kv.length <= limit + self.slack:
+                return False  # fast path: every head of every row is within budget + slack
             budget = self.layer_budget()
-            over = (self.kv.counts() > (budget + self.slack)[:, None]).any(-1)  # [B]
+            counts = self.kv.counts()  # [B, H]
+            if allocator.headwise:  # heads trade entries: only the row's total counts
+                over = counts.sum(-1) > counts.shape[1] * (budget + self.slack)
+            else:
+                over = (counts > (budget + self.slack)[:, None]).any(-1)  # [B]
         else:
             if not force and self.since_eviction < self.slack:
-                return
+                return False
             budget = self.kv.counts().amax(-1)
             over = torch.ones_like(budget, dtype=torch.bool)
         if not force and not bool(over.any()):
-            return
+            return False
         self.since_eviction = 0
         inputs = self.selection_inputs(budget)
-        keep = allocator.select(inputs)
+        keep = allocator.select(inputs) | (inputs.protected & inputs.valid)
         # Rows within budget keep everything, as they would if they ran alone.
         self.evicted += self.kv.compact(torch.where(over[:, None, None], keep, inputs.valid))
+        return True
 
     # --- helpers ----------------------------------------------------------------------------------
     def _check_compatible(self, key_states: torch.Tensor) -> None:
@@ -318,7 +369,6 @@ class EvictingLayer(CacheLayerMixin):
         if self.window is not None:
             q, pos, real = self.window
             self.window = (q.index_select(0, index.to(q.device)), pos, real.index_select(0, index.to(q.device)))
-        self.keys, self.values = self.kv.keys, self.kv.values
 
 
 class EvictionCache(Cache):
@@ -353,7 +403,7 @@ class EvictionCache(Cache):
         self.fingerprint = _check_architecture(text)
         if slack < 0:
             raise ValueError(f"slack must be >= 0, got {slack}")
-        self.policy = resolve_policy(policy)
+        self.policy = resolve_policy(policy, config)
         if not self.policy.allocator.needs_budget and budget is not None:
             raise ValueError(f"{self.policy.allocator!r} sets the budget itself: pass budget=None")
         protection = Protection(sinks, recent)
@@ -362,11 +412,17 @@ class EvictionCache(Cache):
         layer_types = _layer_types(text)
         windows = [text.sliding_window if t == "sliding_attention" else None for t in layer_types]
         depths = (torch.tensor([w is None for w in windows]).cumsum(0) - 1).tolist()
+        self.config, self.modality = config, ModalityMap()
         layers = [
-            EvictingLayer(i, depth, windows.count(None), self.policy, self.budget, protection, slack, w, text)
+            EvictingLayer(i, depth, windows.count(None), self.policy, self.budget, protection, slack, w, text,
+                          self.modality)
             for i, (depth, w) in enumerate(zip(depths, windows))
         ]
         super().__init__(layers=layers)
+        if self.policy.scorer.needs_hidden:
+            if not isinstance(model, PreTrainedModel):
+                raise ValueError(f"{self.policy.scorer.name!r} reads hidden states: build the cache from the model")
+            _hook_attention_inputs(model, self)
         full = [layer for layer in layers if layer.sliding_window is None]
         if self.policy.allocator.scope == "global" and self.budget is not None and full:
             full[-1].on_forward_end = self._evict_globally
@@ -386,8 +442,36 @@ class EvictionCache(Cache):
         inputs = [layer.selection_inputs(budget) for layer in full]
         keeps = self.policy.allocator.select_all(inputs, len(full) * heads * budget)
         for layer, x, keep in zip(full, inputs, keeps):
+            keep = keep | (x.protected & x.valid)
             layer.evicted += layer.kv.compact(torch.where(over[:, None, None], keep, x.valid))
-            layer.keys, layer.values = layer.kv.keys, layer.kv.values
+
+    def prepare(self, inputs: dict | torch.Tensor) -> "EvictionCache":
+        """Tell the cache which positions hold image tokens, from the model inputs (a processor's
+        output or ``input_ids`` ``[B, n]`` of the whole conversation so far). Call before ``generate``."""
+        ids = inputs if isinstance(inputs, torch.Tensor) else inputs["input_ids"]
+        self.modality.set(ids == image_token_id(self.config))
+        return self
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self.modality.select_rows(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.modality.image is not None:
+            rows = torch.arange(self.modality.image.shape[0]).repeat_interleave(repeats)
+            self.modality.select_rows(rows)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self.modality.select_rows(torch.as_tensor(indices))
+
+    def pause_eviction(self, paused: bool = True) -> None:
+        """Stop (or resume) policy eviction, e.g. to append a question to a compressed context that the
+        policy compressed without seeing it (sliding-window layers keep sliding). Scorers still observe
+        while paused, since new entries must be scored: resuming after a question is not query-agnostic."""
+        for layer in self.layers:
+            layer.paused = paused
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if not 0 <= layer_idx < len(self.layers):
@@ -410,6 +494,30 @@ class EvictionCache(Cache):
             "bytes": sum(layer.kv.nbytes() for layer in used),
             "evicted": sum(layer.evicted for layer in used),
         }
+
+
+def _hook_attention_inputs(model: PreTrainedModel, cache: EvictionCache) -> None:
+    """Hand each attention module's input (the normalised hidden states) to its cache layer.
+
+    The hooks hold the layers weakly and are removed when the cache is garbage-collected."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    modules = [m for name, m in decoder.named_modules() if name.endswith("self_attn") and hasattr(m, "layer_idx")]
+    if len(modules) != len(cache.layers):
+        raise ValueError(f"found {len(modules)} attention modules for {len(cache.layers)} cache layers")
+    handles = []
+    for module in modules:
+        if cache.layers[module.layer_idx].sliding_window is not None:
+            continue  # sliding layers are never policy-evicted
+        layer = weakref.ref(cache.layers[module.layer_idx])
+
+        def hook(mod, args, kwargs, layer=layer):
+            target = layer()
+            if target is not None:
+                hidden = kwargs.get("hidden_states", args[0] if args else None)
+                target.hidden = hidden.detach()
+
+        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+    weakref.finalize(cache, lambda hs=tuple(handles): [h.remove() for h in hs])
 
 
 def _switch_attention(model: PreTrainedModel) -> None:

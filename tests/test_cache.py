@@ -203,3 +203,33 @@ def test_fraction_budget(llama):
     cache = EvictionCache(llama, "streaming", budget=0.25, sinks=2, recent=4, slack=0)
     llama(prompt(200), past_key_values=cache)
     assert all(layer.kv.length == 50 for layer in cache.layers)
+
+
+def test_assisted_decoding_on_sliding_window_model(gemma):
+    # candidates that the main model rejects are cropped away, also from the sliding layers
+    assistant = tiny_gemma3()
+    torch.manual_seed(1)
+    for p in assistant.parameters():
+        p.data += 0.05 * torch.randn_like(p)  # a different model, so some candidates get rejected
+    ids = prompt(30)
+    ref = generate(gemma, ids, DynamicCache(config=gemma.config), max_new_tokens=12)
+    out = generate(gemma, ids, EvictionCache(gemma, "streaming", budget=512), assistant_model=assistant,
+                   max_new_tokens=12)
+    assert torch.equal(out, ref)
+
+
+def test_crop_counts_tokens_once_with_headwise_budgets(llama):
+    cache = EvictionCache(llama, "adakv:snapkv", budget=12, sinks=2, recent=8, slack=0)
+    llama(prompt(60), past_key_values=cache)
+    assert len({int(c) for layer in cache.layers for c in layer.kv.counts()[0]}) > 1  # heads differ
+    cache.crop(-3)
+    assert cache.stats()["tokens_seen"] == [57] and cache.get_seq_length() == 57
+
+
+def test_headwise_budget_honours_slack(llama):
+    cache = EvictionCache(llama, "adakv:snapkv", budget=12, sinks=2, recent=4, slack=6)
+    out = llama(prompt(40), past_key_values=cache)
+    after_prefill = [layer.evicted for layer in cache.layers]
+    for _ in range(5):  # 5 new tokens per head stay within the slack of 6
+        out = llama(out.logits[:, -1:].argmax(-1), past_key_values=cache)
+    assert [layer.evicted for layer in cache.layers] == after_prefill

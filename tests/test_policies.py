@@ -144,3 +144,24 @@ def test_registry_names_resolve():
     assert isinstance(resolve_policy("pyramid:snapkv").allocator, Pyramid)
     policy = resolve_policy("adakv:critical-h2o")
     assert isinstance(policy.allocator, AdaKV) and policy.scorer.name == "critical-h2o"
+
+
+def test_threshold_in_padded_batch_equals_rows_alone():
+    model = tiny_llama()
+    make = lambda: EvictionCache(model, Policy(SCORERS["knorm"](), Threshold(-0.63)), budget=None, slack=5, **PROTECT)  # noqa: E731
+    rows = [prompt(40, seed=4)[0], prompt(27, seed=5)[0]]
+    ids = torch.zeros(2, 40, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, 40 - len(r):], mask[i, 40 - len(r):] = r, 1
+    gen = dict(do_sample=False, max_new_tokens=12)
+    batch = model.generate(ids, attention_mask=mask, past_key_values=make(), **gen)
+    for i, r in enumerate(rows):
+        alone = model.generate(r[None], attention_mask=torch.ones_like(r[None]), past_key_values=make(), **gen)
+        assert torch.equal(batch[i, 40:], alone[0, len(r):]), f"row {i}"
+
+
+def test_criticalkv_needs_nonnegative_scores():
+    with pytest.raises(ValueError, match="non-negative"):
+        resolve_policy("critical-knorm")
+    assert resolve_policy("critical-h2o").scorer.observes

@@ -2,6 +2,7 @@
 
 from .base import Scorer, ScoreInputs, attention_probs
 from .criticalkv import CriticalKV
+from .dart import DART
 from .expected_attention import ExpectedAttention
 from .h2o import H2O
 from .keydiff import KeyDiff
@@ -16,6 +17,6 @@ SCORERS: dict[str, type[Scorer]] = {
 }
 
 __all__ = [
-    "SCORERS", "CriticalKV", "ExpectedAttention", "H2O", "KNorm", "KeyDiff", "RandomScorer", "ScoreInputs",
+    "SCORERS", "CriticalKV", "DART", "ExpectedAttention", "H2O", "KNorm", "KeyDiff", "RandomScorer", "ScoreInputs",
     "Scorer", "SnapKV", "StreamingLLM", "TOVA", "attention_probs",
 ]

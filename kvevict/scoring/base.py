@@ -19,6 +19,9 @@ class ScoreInputs:
     to ``Scorer.query_window``); for :meth:`Scorer.observe` the queries of the current forward pass.
     ``state`` holds per-slot tensors ``[B, H, S, ...]`` the scorer owns (gathered on eviction).
     ``module`` is the attention module (e.g. for its output projection), ``scaling`` its softmax scale.
+    ``image`` ``[B, H, S]`` marks image entries (``None`` when the cache was not told of any).
+    ``hidden`` ``[B, q, D]`` is the layer's attention input of the current forward pass (only for
+    :meth:`Scorer.observe`, and only when the scorer ``needs_hidden``).
     """
 
     keys: torch.Tensor
@@ -30,8 +33,10 @@ class ScoreInputs:
     state: dict[str, torch.Tensor]
     queries: torch.Tensor | None = None
     query_positions: torch.Tensor | None = None
-    query_real: torch.Tensor | None = None
+    query_real: torch.Tensor | None = None  # always given with queries
     module: torch.nn.Module | None = None
+    image: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
 
     @property
     def valid(self) -> torch.Tensor:
@@ -44,15 +49,19 @@ class Scorer:
 
     What a scorer needs is declared, so the cache computes nothing it does not use:
     ``query_window`` > 0 keeps that many recent queries per layer for :meth:`score`;
-    ``observes`` = True calls :meth:`observe` after every forward pass with its queries.
+    ``observes`` = True calls :meth:`observe` after every forward pass with its queries;
+    ``needs_hidden`` = True also hands it the layer's attention input (the cache hooks the model).
     ``calibrated`` = True promises scores on one scale across layers and heads (needed by the
-    global allocator without normalisation).
+    global allocator without normalisation); ``nonnegative`` = True promises scores >= 0 (needed
+    to reweight them multiplicatively, as CriticalKV does).
     """
 
     name: ClassVar[str]
     query_window: int = 0
     observes: ClassVar[bool] = False
     calibrated: ClassVar[bool] = False
+    needs_hidden: ClassVar[bool] = False
+    nonnegative: ClassVar[bool] = False
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         """Return ``[B, H, S]`` float scores; higher means more worth keeping."""
@@ -63,6 +72,17 @@ class Scorer:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+class WrappedScorer(Scorer):
+    """A scorer built on another: it needs (and observes) what its base needs."""
+
+    def __init__(self, base: Scorer) -> None:
+        self.base = base
+        self.query_window, self.observes, self.needs_hidden = base.query_window, base.observes, base.needs_hidden
+
+    def observe(self, inputs: ScoreInputs) -> None:
+        self.base.observe(inputs)
 
 
 def attention_probs(inputs: ScoreInputs, block: int = 256) -> torch.Tensor:
@@ -83,8 +103,7 @@ def attention_probs(inputs: ScoreInputs, block: int = 256) -> torch.Tensor:
         q_pos = inputs.query_positions[start : start + block].view(1, 1, 1, -1, 1)
         visible = (kv_pos >= 0) & (kv_pos <= q_pos)
         probs = logits.masked_fill(~visible, -torch.inf).softmax(-1).nan_to_num(0.0).mean(2)
-        if inputs.query_real is not None:
-            probs = probs * inputs.query_real[:, None, start : start + block, None]
+        probs = probs * inputs.query_real[:, None, start : start + block, None]
         out.append(probs)
     return torch.cat(out, dim=2)
 

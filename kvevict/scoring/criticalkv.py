@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import torch
 
-from .base import Scorer, ScoreInputs
+from .base import Scorer, ScoreInputs, WrappedScorer
 
 
-class CriticalKV(Scorer):
-    """Wraps a scorer: ``score = base.score * mean over the group's heads of ||W_o[head] v||``."""
+class CriticalKV(WrappedScorer):
+    """Wraps a non-negative scorer: ``score = base.score * mean over the group's heads of ||W_o[head] v||``."""
+
+    nonnegative = True
 
     def __init__(self, base: Scorer) -> None:
-        self.base = base
+        if not base.nonnegative:
+            raise ValueError(
+                f"CriticalKV multiplies scores by ||W_o v||, which needs non-negative scores; {base.name!r} "
+                "scores can be negative (use an attention-based scorer such as snapkv, tova, h2o)"
+            )
+        super().__init__(base)
         self.name = f"critical-{base.name}"
-        self.query_window, self.observes, self.calibrated = base.query_window, base.observes, False
-
-    def observe(self, inputs: ScoreInputs) -> None:
-        self.base.observe(inputs)
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         proj = getattr(inputs.module, "o_proj", None)

@@ -16,6 +16,7 @@ from .base import Scorer, ScoreInputs, masked_mean
 
 class ExpectedAttention(Scorer):
     name = "expected_attention"
+    nonnegative = True
 
     def __init__(self, window: int = 64) -> None:
         self.query_window = window
@@ -24,8 +25,7 @@ class ExpectedAttention(Scorer):
         b, hq, w, d = inputs.queries.shape
         h = inputs.keys.shape[1]
         q = inputs.queries.float().view(b, h, hq // h, w, d)
-        real = torch.ones(b, w, dtype=torch.bool, device=q.device) if inputs.query_real is None else inputs.query_real
-        weight = real[:, None, None, :, None]
+        weight = inputs.query_real[:, None, None, :, None]
         mu = masked_mean(q, weight, dim=3)  # [B, H, G, D]
         centred = (q - mu[:, :, :, None]) * weight
         sigma = centred.transpose(-1, -2) @ centred / weight.sum(3, keepdim=True).clamp(min=2).sub(1)  # [B,H,G,D,D]

@@ -1,8 +1,8 @@
 """H2O (Zhang et al., 2023): heavy hitters by accumulated attention received.
 
 Every forward pass adds the attention each entry receives from the new queries; the score is that
-sum divided by the number of queries that could see the entry, so old entries are not favoured
-merely for having been visible longer.
+sum divided by the number of queries that could see the entry (the normalised variant: old
+entries are not favoured merely for having been visible longer; the paper keeps the raw sum).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from .base import Scorer, ScoreInputs, attention_probs
 
 class H2O(Scorer):
     name = "h2o"
+    nonnegative = True
     observes = True
 
     def observe(self, inputs: ScoreInputs) -> None:
@@ -22,8 +23,7 @@ class H2O(Scorer):
             state["h2o_sum"] = torch.zeros(inputs.positions.shape, device=inputs.keys.device)
             state["h2o_count"] = torch.zeros(inputs.positions.shape, device=inputs.keys.device)
         probs = attention_probs(inputs)  # [B, H, q, S]
-        real = inputs.query_real if inputs.query_real is not None else torch.ones_like(probs[:, 0, :, 0], dtype=torch.bool)
-        q_pos = torch.where(real, inputs.query_positions[None, :], -1)  # [B, q]
+        q_pos = torch.where(inputs.query_real, inputs.query_positions[None, :], -1)  # [B, q]
         seen_by = (inputs.positions[:, :, None, :] <= q_pos[:, None, :, None]).sum(2)  # [B, H, S]
         state["h2o_sum"] += probs.sum(2)
         state["h2o_count"] += seen_by

@@ -9,6 +9,7 @@ from .base import Scorer, ScoreInputs
 
 class RandomScorer(Scorer):
     name = "random"
+    nonnegative = True
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed

@@ -15,6 +15,7 @@ from .base import Scorer, ScoreInputs, attention_probs
 
 class SnapKV(Scorer):
     name = "snapkv"
+    nonnegative = True
 
     def __init__(self, window: int = 32, kernel: int = 5) -> None:
         if kernel % 2 == 0 or kernel < 1:
@@ -23,8 +24,9 @@ class SnapKV(Scorer):
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         probs = attention_probs(inputs)  # [B, H, w, S]
-        real = inputs.query_real.sum(-1).clamp(min=1) if inputs.query_real is not None else probs.shape[2]
-        mean = probs.sum(2) / (real[:, None, None] if torch.is_tensor(real) else real)
+        mean = probs.sum(2) / inputs.query_real.sum(-1).clamp(min=1)[:, None, None]
         b, h, s = mean.shape
-        pooled = F.avg_pool1d(mean.view(b * h, 1, s), self.kernel, stride=1, padding=self.kernel // 2)
-        return pooled.view(b, h, s)
+        valid = inputs.valid.float().view(b * h, 1, s)
+        pool = lambda x: F.avg_pool1d(x, self.kernel, stride=1, padding=self.kernel // 2)  # noqa: E731
+        # Pool over neighbouring entries only (holes left by eviction do not dilute the average).
+        return (pool(mean.view(b * h, 1, s)) / pool(valid).clamp(min=1e-6)).view(b, h, s)

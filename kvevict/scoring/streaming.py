@@ -12,6 +12,7 @@ from .base import Scorer, ScoreInputs
 
 class StreamingLLM(Scorer):
     name = "streaming"
+    nonnegative = True
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         return inputs.positions.to(torch.float32)

@@ -1,0 +1,107 @@
+"""Every policy x budget on one model: fidelity, single-needle retrieval and prefill cost.
+
+    python bench/policies.py --model smollm2-135m --length 4096 --budgets 0.1 0.25 0.5
+
+Query-agnostic: contexts are compressed in 512-token chunks before the question (or continuation)
+is appended with eviction paused. Fidelity: NLL increase, top-1 agreement and KL vs the full cache
+on the last ``--continuation`` tokens of essay windows of ``--length`` tokens. Needle: a 7-digit
+number at several depths of an essay haystack of exactly ``--length`` context tokens. Results go to
+``bench/results/policies_<model>_<length>.{json,md}``; rerunning skips the rows already there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import DynamicCache
+
+from kvevict import EvictionCache
+from kvevict.evaluate import answer, continuation_logits, fidelity, haystack_ids, needle_prompt, score_answer
+from kvevict.models import load_model
+
+POLICIES = ["random", "streaming", "h2o", "snapkv", "tova", "knorm", "keydiff", "expected_attention",
+            "critical-snapkv", "pyramid:snapkv", "adakv:snapkv", "global-sum:snapkv"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--length", type=int, default=4096)
+    p.add_argument("--continuation", type=int, default=512)
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.25, 0.5])
+    p.add_argument("--policies", nargs="+", default=POLICIES)
+    p.add_argument("--depths", type=float, nargs="+", default=[0.2, 0.4, 0.6, 0.8])
+    p.add_argument("--documents", type=int, default=2)
+    p.add_argument("--chunk", type=int, default=512)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    stem = args.out / f"policies_{args.model}_{args.length}"
+    rows = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").exists() else []
+    done = {(r["policy"], r["budget"]) for r in rows}
+
+    model, tok = load_model(args.model)
+    docs = [torch.tensor([haystack_ids(tok, args.length, offset=50_000 + 40_000 * i)]) for i in range(args.documents)]
+    prefix = args.length - args.continuation
+    needles = [needle_prompt(tok, args.length, d, seed=i) for i, d in enumerate(args.depths)]
+    started = time.perf_counter()
+    references = [continuation_logits(model, d, prefix, DynamicCache(config=model.config), args.chunk)[0] for d in docs]
+    configs = [("full", None)] + [(pol, b) for pol in args.policies for b in args.budgets]
+    for policy, budget in tqdm([c for c in configs if c not in done], desc=f"policies {args.model}"):
+        def make_cache():
+            if policy == "full":
+                return DynamicCache(config=model.config)
+            return EvictionCache(model, policy, budget=budget)
+
+        fid = [fidelity(model, d, prefix, make_cache, ref, args.chunk) for d, ref in zip(docs, references)]
+        hits, prefill_s = [], []
+        for prompt in needles:
+            text, seconds = answer(model, tok, prompt, make_cache(), args.chunk)
+            hits.append(score_answer(text, prompt.answers))
+            prefill_s.append(seconds)
+        n = len(fid)
+        rows.append({
+            "model": args.model, "length": args.length, "policy": policy, "budget": budget,
+            "nll_full": sum(f.nll_full for f in fid) / n, "nll_increase": sum(f.nll_increase for f in fid) / n,
+            "top1_agreement": sum(f.top1_agreement for f in fid) / n, "kl": sum(f.kl for f in fid) / n,
+            "needle": sum(hits) / len(hits), "needle_samples": len(hits),
+            "prefill_s": sum(f.prefill_s for f in fid) / n, "kv_mb": sum(f.kv_bytes for f in fid) / n / 2**20,
+        })
+        tqdm.write(json.dumps(rows[-1]))
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    minutes = (time.perf_counter() - started) / 60
+    stem.with_suffix(".md").write_text(table(rows, args, minutes))
+    print(stem.with_suffix(".md").read_text())
+
+
+def table(rows: list[dict], args: argparse.Namespace, minutes: float) -> str:
+    """Markdown: one line per (policy, budget), prefill overhead relative to the full cache."""
+    full = next(r for r in rows if r["policy"] == "full")
+    lines = [
+        f"# Policies on {args.model}, {args.length}-token contexts (query-agnostic)",
+        "",
+        f"Fidelity: {args.documents} essay windows, last {args.continuation} tokens scored; needle: "
+        f"{len(args.depths)} depths ({', '.join(map(str, args.depths))}); prefill in {args.chunk}-token chunks; "
+        f"2-core CPU, {args.threads} threads; this run took {minutes:.1f} min.",
+        "",
+        "| policy | budget | NLL increase | top-1 agree | KL | needle | prefill s | vs full | KV MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        budget = "-" if r["budget"] is None else f"{r['budget']:.0%}"
+        lines.append(
+            f"| {r['policy']} | {budget} | {r['nll_increase']:+.3f} | {r['top1_agreement']:.3f} | {r['kl']:.3f} | "
+            f"{r['needle']:.2f} | {r['prefill_s']:.2f} | {r['prefill_s'] / full['prefill_s']:.2f}x | {r['kv_mb']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Calibration of retention gates: soft eviction, distilled from the frozen model.
+
+Only the gates learn. During training every attention logit gets the additive bias
+``(t - i) log beta_i`` (entry ``i`` decays geometrically instead of being dropped), and the loss is
+
+    KL(frozen model || gated model)  +  lam * capacity,
+    capacity = mean_t max(0, (S_t - L H M) / (L H (t + 1) - L H M)),  S_t = sum_{l,h} sum_{j<=t} beta_j^(t-j)
+
+``S_t`` is the soft number of live entries over all full-attention layers ``L`` and KV heads ``H``;
+``M`` the target entries per head. Text windows are sampled (seeded) from general text, never from
+the benchmark data. Checkpoints (gates as safetensors + the loss history as JSON) make runs
+resumable: a resumed run continues with the same data order; AdamW's moment estimates restart.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+from transformers import AttentionInterface, PreTrainedModel
+
+from .gates import Card, Fingerprint, RetentionGates
+
+SOFT_ATTENTION = "kvevict_soft"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Calibration settings (one JSON file per shipped policy in ``calibration/recipes``)."""
+
+    model: str
+    seq_len: int = 512
+    budget: int = 96
+    steps: int = 150
+    lr: float = 3e-3
+    width: int = 128
+    capacity_weight: float = 1.0
+    seed: int = 0
+    threads: int = 2
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recipe":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+class SoftEviction:
+    """Gated forward passes: hooks compute ``log beta`` from each full layer's attention input and
+    the registered ``kvevict_soft`` attention adds the decay bias. ``active`` False = plain causal."""
+
+    def __init__(self, model: PreTrainedModel, gates: RetentionGates) -> None:
+        self.gates, self.active, self.model = gates, False, model
+        self.log_beta: dict[int, torch.Tensor] = {}
+        self.previous = model.config._attn_implementation
+        AttentionInterface.register(SOFT_ATTENTION, self.attention)
+        model.set_attn_implementation(SOFT_ATTENTION)
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+        self.handles = [
+            m.register_forward_pre_hook(self.hook, with_kwargs=True)
+            for name, m in decoder.named_modules()
+            if name.endswith("self_attn") and getattr(m, "layer_idx", None) in gates.index
+        ]
+
+    def hook(self, module, args, kwargs) -> None:
+        if self.active:
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            self.log_beta[module.layer_idx] = self.gates(hidden, module.layer_idx)
+
+    def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        """Causal (or sliding-window) attention over an unpadded batch, plus the decay bias."""
+        b, hq, t, d = query.shape
+        h = key.shape[1]
+        logits = torch.einsum("bhgqd,bhkd->bhgqk", query.view(b, h, hq // h, t, d), key) * scaling
+        age = torch.arange(t, device=query.device)[:, None] - torch.arange(t, device=query.device)[None, :]
+        allowed = age >= 0
+        window = getattr(module, "sliding_window", None)
+        if window:
+            allowed &= age < window
+        if self.active and module.layer_idx in self.log_beta:
+            logits = logits + age.clamp(min=0) * self.log_beta[module.layer_idx][:, :, None, None, :]
+        probs = logits.masked_fill(~allowed, -torch.inf).softmax(-1)
+        out = torch.einsum("bhgqk,bhkd->bhgqd", probs, value).reshape(b, hq, t, -1)
+        return out.transpose(1, 2).contiguous(), None
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.model.set_attn_implementation(self.previous)
+
+
+def capacity_loss(log_betas: list[torch.Tensor], budget: int) -> torch.Tensor:
+    """Hinge on the soft count of live entries. ``log_betas``: per layer ``[B, H, T]``."""
+    b, h, t = log_betas[0].shape
+    age = (torch.arange(t)[:, None] - torch.arange(t)[None, :]).to(log_betas[0].device)
+    live = sum(
+        torch.exp(age.clamp(min=0) * lb[:, :, None, :]).masked_fill(age < 0, 0).sum((1, 3)) for lb in log_betas
+    )  # [B, T]: sum over layers, heads and entries j <= t
+    slots = len(log_betas) * h
+    full = slots * torch.arange(1, t + 1, device=live.device)
+    room = (full - slots * budget).clamp(min=1)
+    return torch.relu((live - slots * budget) / room).mean()
+
+
+def windows(ids: list[int], seq_len: int, rng: random.Random) -> torch.Tensor:
+    start = rng.randrange(len(ids) - seq_len)
+    return torch.tensor([ids[start : start + seq_len]])
+
+
+def calibrate(model: PreTrainedModel, ids: list[int], recipe: Recipe, out: Path, data_name: str,
+              checkpoint: Path | None = None) -> tuple[Path, list[dict]]:
+    """Train gates for ``model`` on token ids ``ids``; write the policy to ``out``; return its card
+    path and the loss history. Resumes from ``checkpoint`` (a directory) when it holds a run."""
+    torch.manual_seed(recipe.seed)
+    torch.set_num_threads(recipe.threads)
+    model.requires_grad_(False).eval()
+    gates = RetentionGates(Fingerprint.of(model.config), width=recipe.width)
+    optimizer = torch.optim.AdamW(gates.parameters(), lr=recipe.lr)
+    history: list[dict] = []
+    if checkpoint is not None and (checkpoint / "gates.safetensors").exists():
+        gates.load_state_dict(load_file(checkpoint / "gates.safetensors"))
+        history = json.loads((checkpoint / "history.json").read_text())
+    rng = random.Random(recipe.seed)
+    for _ in range(len(history)):
+        windows(ids, recipe.seq_len, rng)  # replay the sampler so a resumed run sees the same data
+    soft = SoftEviction(model, gates)
+    start = time.perf_counter() - sum(h["seconds"] for h in history[-1:])
+    try:
+        for step in tqdm(range(len(history), recipe.steps), desc="calibrate", initial=len(history),
+                         total=recipe.steps):
+            batch = windows(ids, recipe.seq_len, rng)
+            soft.active = False
+            with torch.no_grad():
+                teacher = model(batch).logits.float().log_softmax(-1)
+            soft.active, soft.log_beta = True, {}
+            student = model(batch).logits.float().log_softmax(-1)
+            kl = (teacher.exp() * (teacher - student)).sum(-1).mean()
+            capacity = capacity_loss(list(soft.log_beta.values()), recipe.budget)
+            loss = kl + recipe.capacity_weight * capacity
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                beta = torch.cat([lb.flatten() for lb in soft.log_beta.values()]).exp()
+                live = _expected_live(soft.log_beta)
+            history.append({"step": step + 1, "kl": kl.item(), "capacity": capacity.item(),
+                            "mean_beta": beta.mean().item(), "live_per_head": live,
+                            "seconds": time.perf_counter() - start})
+            if checkpoint is not None and ((step + 1) % 25 == 0 or step + 1 == recipe.steps):
+                checkpoint.mkdir(parents=True, exist_ok=True)
+                save_file({k: v.contiguous() for k, v in gates.state_dict().items()}, checkpoint / "gates.safetensors")
+                (checkpoint / "history.json").write_text(json.dumps(history))
+    finally:
+        soft.close()
+    seconds = history[-1]["seconds"] if history else 0.0
+    tail = history[-10:]
+    card = Card(
+        model=recipe.model, fingerprint=gates.fingerprint, width=recipe.width, method="soft-eviction distillation",
+        data=data_name, target_budget=recipe.budget, steps=recipe.steps, seconds=round(seconds, 1),
+        metrics={"final_kl": sum(h["kl"] for h in tail) / len(tail),
+                 "final_capacity": sum(h["capacity"] for h in tail) / len(tail),
+                 "live_per_head_at_end_of_window": tail[-1]["live_per_head"],
+                 "recipe": asdict(recipe)},
+    )
+    return gates.eval().save(out, card), history
+
+
+def _expected_live(log_betas: dict[int, torch.Tensor]) -> float:
+    """Soft live entries per (layer, head) at the last position of the window."""
+    counts = []
+    for lb in log_betas.values():
+        t = lb.shape[-1]
+        age = torch.arange(t - 1, -1, -1, device=lb.device)
+        counts.append(torch.exp(age * lb).sum(-1).mean().item())
+    return sum(counts) / len(counts)

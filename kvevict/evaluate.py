@@ -1,0 +1,179 @@
+"""Evaluation primitives shared by the benchmarks: needle prompts, query-agnostic runs, fidelity.
+
+Protocol (query-agnostic): the context is prefilled in chunks into the cache, which evicts as it
+goes; then eviction is paused and the question (and answer) are appended. No policy ever sees the
+question while it decides what to keep.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from .cache import EvictionCache
+from .data import essays_text
+
+PLACEHOLDER = "@@CONTENT@@"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A task prompt split into the part a cache may compress and the part it must not see first."""
+
+    context: torch.Tensor  # [1, n] token ids
+    question: torch.Tensor  # [1, m] token ids (question, end of turn, answer prefix)
+    answers: tuple[str, ...]
+
+
+def chat_frame(tok: PreTrainedTokenizerBase) -> tuple[str, str]:
+    """The text before and after a user message (chat template, or a plain frame for base models)."""
+    if tok.chat_template:
+        text = tok.apply_chat_template([{"role": "user", "content": PLACEHOLDER}], add_generation_prompt=True,
+                                       tokenize=False)
+        head, tail = text.split(PLACEHOLDER)
+        return head, tail
+    return (tok.bos_token or ""), "\n"
+
+
+def encode(tok: PreTrainedTokenizerBase, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False).input_ids
+
+
+def haystack_ids(tok: PreTrainedTokenizerBase, n: int, offset: int = 0) -> list[int]:
+    """``n`` token ids of essay text starting at token ``offset`` (wrapping around)."""
+    ids = _essay_ids(tok)
+    if n > len(ids):
+        raise ValueError(f"the essays hold {len(ids)} tokens; {n} were asked for")
+    start = offset % len(ids)
+    return (ids + ids)[start : start + n]
+
+
+_ESSAY_IDS: dict[str, list[int]] = {}
+
+
+def _essay_ids(tok: PreTrainedTokenizerBase) -> list[int]:
+    key = f"{type(tok).__name__}:{tok.name_or_path}:{len(tok)}"
+    if key not in _ESSAY_IDS:
+        _ESSAY_IDS[key] = encode(tok, essays_text())
+    return _ESSAY_IDS[key]
+
+
+def sentence_boundary(tok: PreTrainedTokenizerBase, ids: list[int], index: int) -> int:
+    """The first index at or after ``index`` that starts a sentence (follows a token ending in '.')."""
+    tokens = tok.convert_ids_to_tokens(ids)
+    for i in range(max(index, 1), len(ids)):
+        if tokens[i - 1].rstrip().endswith(".") and not tokens[i].startswith("."):
+            return i
+    return index
+
+
+def needle_prompt(tok: PreTrainedTokenizerBase, length: int, depth: float, seed: int) -> Prompt:
+    """Single needle (a 7-digit number) at ``depth`` in an essay haystack; the context is exactly
+    ``length`` tokens (chat frame included)."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must lie in [0, 1], got {depth}")
+    rng = random.Random(seed)
+    value = str(rng.randrange(10**6, 10**7))
+    head, tail = chat_frame(tok)
+    intro = encode(tok, head + "Read the text below and remember the special magic number hidden in it.\n\n")
+    needle = encode(tok, f" The special magic number is {value}.")
+    n_hay = length - len(intro) - len(needle)
+    if n_hay <= 0:
+        raise ValueError(f"length {length} leaves no room for a haystack")
+    hay = haystack_ids(tok, n_hay, offset=rng.randrange(10**6))
+    at = sentence_boundary(tok, hay, int(depth * n_hay)) if depth < 1 else n_hay
+    context = intro + hay[:at] + needle + hay[at:]
+    question = encode(tok, "\n\nWhat is the special magic number mentioned in the text?" + tail
+                      + "The special magic number is")
+    return Prompt(torch.tensor([context]), torch.tensor([question]), (value,))
+
+
+def score_answer(output: str, answers: tuple[str, ...]) -> float:
+    """RULER-style: the fraction of references found in the output (case-insensitive substring)."""
+    out = output.lower()
+    return sum(a.lower() in out for a in answers) / len(answers)
+
+
+def kv_bytes(cache) -> int:
+    """Bytes a cache holds: an EvictionCache's entries (with positions), or a plain cache's tensors."""
+    if isinstance(cache, EvictionCache):
+        return cache.stats()["bytes"]
+    return sum(l.keys.nbytes + l.values.nbytes for l in cache.layers if getattr(l, "is_initialized", False))
+
+
+@torch.inference_mode()
+def prefill(model: PreTrainedModel, ids: torch.Tensor, cache, chunk: int) -> torch.Tensor:
+    """Feed ``ids`` ``[1, n]`` in chunks; return the last chunk's logits."""
+    for part in ids.split(chunk, dim=-1):
+        logits = model(part, past_key_values=cache).logits
+    return logits
+
+
+@torch.inference_mode()
+def answer(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt: Prompt, cache, chunk: int = 512,
+           max_new_tokens: int = 16) -> tuple[str, float]:
+    """Query-agnostic answer: compress the context, then append the question with eviction paused.
+
+    Returns the decoded answer and the context prefill time in seconds.
+    """
+    start = time.perf_counter()
+    prefill(model, prompt.context, cache, chunk)
+    seconds = time.perf_counter() - start
+    if isinstance(cache, EvictionCache):
+        cache.pause_eviction(True)
+    ids = torch.cat([prompt.context, prompt.question], dim=-1)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, do_sample=False,
+                         max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), seconds
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """Continuation metrics of a compressed cache against the full cache (nats / fractions)."""
+
+    nll_full: float
+    nll: float
+    top1_agreement: float
+    kl: float
+    prefill_s: float
+    kv_bytes: int  # held after compressing the prefix
+
+    @property
+    def nll_increase(self) -> float:
+        return self.nll - self.nll_full
+
+
+@torch.inference_mode()
+def continuation_logits(model: PreTrainedModel, ids: torch.Tensor, prefix: int, cache, chunk: int
+                        ) -> tuple[torch.Tensor, float, int]:
+    """Prefill ``ids[:, :prefix]`` in chunks into ``cache``, then logits ``[n - prefix, V]`` of the rest.
+
+    Also returns the prefill time (s) and the bytes held after it."""
+    start = time.perf_counter()
+    prefill(model, ids[:, :prefix], cache, chunk)
+    seconds = time.perf_counter() - start
+    held = kv_bytes(cache)
+    if isinstance(cache, EvictionCache):
+        cache.pause_eviction(True)
+    return model(ids[:, prefix:], past_key_values=cache).logits[0].float(), seconds, held
+
+
+def fidelity(model: PreTrainedModel, ids: torch.Tensor, prefix: int, make_cache: Callable[[], object],
+             reference: torch.Tensor | None = None, chunk: int = 512) -> Fidelity:
+    """Compress ``ids[:, :prefix]`` with ``make_cache()``; compare next-token predictions on the rest
+    with the full cache (``reference`` logits, computed if not given)."""
+    if reference is None:
+        reference = continuation_logits(model, ids, prefix, DynamicCache(config=model.config), chunk)[0]
+    logits, seconds, held = continuation_logits(model, ids, prefix, make_cache(), chunk)
+    targets = ids[0, prefix + 1 :]
+    ref_lp, lp = reference[:-1].log_softmax(-1), logits[:-1].log_softmax(-1)
+    nll_full = -ref_lp.gather(-1, targets[:, None]).mean().item()
+    nll = -lp.gather(-1, targets[:, None]).mean().item()
+    agree = (ref_lp.argmax(-1) == lp.argmax(-1)).float().mean().item()
+    kl = (ref_lp.exp() * (ref_lp - lp)).sum(-1).mean().item()
+    return Fidelity(nll_full, nll, agree, kl, seconds, held)

@@ -1,0 +1,112 @@
+"""Retention gates: small per-layer networks scoring each KV entry when it is created.
+
+``log beta = logsigmoid(shared(phi(W2 phi(W1 h + b1) + b2)))`` per KV head, from the layer's
+attention input ``h`` (after the input norm). ``shared`` is ONE projection for all layers: it puts
+every layer, head and modality on one scale, so a single global budget can decide who stays.
+An entry created at position ``i`` is worth ``(t + 1 - i) log beta_i`` at step ``t`` (geometric decay).
+
+Gates are saved as safetensors + a JSON card naming the model they were calibrated for; loading
+them for another model is an error. Pickles are never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PretrainedConfig
+
+POLICY_DIR = Path(__file__).resolve().parent.parent / "policies"
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What a calibrated policy must match in a model."""
+
+    architecture: str
+    layers: int
+    kv_heads: int
+    hidden_size: int
+    full_layers: tuple[int, ...]
+
+    @classmethod
+    def of(cls, config: PretrainedConfig) -> "Fingerprint":
+        text = config.get_text_config(decoder=True)
+        types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+        return cls(
+            architecture=text.model_type,
+            layers=text.num_hidden_layers,
+            kv_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+            hidden_size=text.hidden_size,
+            full_layers=tuple(i for i, t in enumerate(types) if t == "full_attention"),
+        )
+
+
+@dataclass
+class Card:
+    """The JSON card shipped next to calibrated gates."""
+
+    model: str
+    fingerprint: Fingerprint
+    width: int
+    method: str
+    data: str
+    target_budget: int
+    steps: int
+    seconds: float
+    metrics: dict = field(default_factory=dict)
+
+
+class RetentionGates(nn.Module):
+    """Gates for the full-attention layers of one model. ``forward(h [B, q, D], layer_idx)`` gives
+    ``log beta`` ``[B, H, q]`` (<= 0)."""
+
+    def __init__(self, fingerprint: Fingerprint, width: int = 128, init_bias: float = 10.0) -> None:
+        super().__init__()
+        self.fingerprint, self.width = fingerprint, width
+        self.index = {layer: i for i, layer in enumerate(fingerprint.full_layers)}
+        d = fingerprint.hidden_size
+        self.mlps = nn.ModuleList(
+            nn.Sequential(nn.Linear(d, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU())
+            for _ in fingerprint.full_layers
+        )
+        self.shared = nn.Linear(width, fingerprint.kv_heads)
+        nn.init.normal_(self.shared.weight, std=1e-3)
+        nn.init.constant_(self.shared.bias, init_bias)
+
+    def forward(self, hidden: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        mlp = self.mlps[self.index[layer_idx]]
+        r = self.shared(mlp(hidden.to(self.shared.weight.dtype)))  # [B, q, H]
+        return F.logsigmoid(r).transpose(1, 2)
+
+    def save(self, directory: Path, card: Card) -> Path:
+        """Write ``<model>.safetensors`` and ``<model>.json`` into ``directory``; return the card path."""
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, directory / f"{card.model}.safetensors")
+        path = directory / f"{card.model}.json"
+        path.write_text(json.dumps(asdict(card), indent=1) + "\n")
+        return path
+
+
+def load_gates(config: PretrainedConfig, path: str | Path | None = None) -> tuple[RetentionGates, Card]:
+    """Load calibrated gates for the model of ``config``: from the card at ``path``, or the card in
+    ``policies/`` whose fingerprint matches. Raises if none matches."""
+    want = Fingerprint.of(config)
+    cards = [Path(path)] if path is not None else sorted(POLICY_DIR.glob("*.json"))
+    for card_path in cards:
+        raw = json.loads(card_path.read_text())
+        fp = Fingerprint(**{**raw["fingerprint"], "full_layers": tuple(raw["fingerprint"]["full_layers"])})
+        if fp != want:
+            if path is not None:
+                raise ValueError(f"{card_path.name} was calibrated for {fp}, not for this model ({want})")
+            continue
+        card = Card(**{**raw, "fingerprint": fp})
+        gates = RetentionGates(fp, width=card.width)
+        gates.load_state_dict(load_file(card_path.with_suffix(".safetensors")))
+        return gates.eval(), card
+    raise ValueError(f"no calibrated policy in {POLICY_DIR} matches this model ({want}); run `kvevict calibrate`")

@@ -1,0 +1,50 @@
+"""Evaluation primitives: needle prompts are exact and scorable; fidelity is zero for the full cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from kvevict import EvictionCache
+from kvevict.evaluate import fidelity, needle_prompt, score_answer
+from kvevict.models import load_model
+from conftest import prompt
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_model("smollm2-135m")[1]
+
+
+@pytest.mark.parametrize("length, depth", [(1000, 0.0), (2048, 0.5), (3000, 1.0)])
+def test_needle_prompt_is_exact_and_has_one_needle(tok, length, depth):
+    p = needle_prompt(tok, length, depth, seed=3)
+    assert p.context.shape == (1, length)
+    text = tok.decode(p.context[0])
+    value = p.answers[0]
+    assert len(value) == 7 and text.count(value) == 1
+    assert text.count("special magic number is") == 1
+    where = text.index(value) / len(text)
+    assert abs(where - depth) < 0.1
+    assert tok.decode(p.question[0]).endswith("The special magic number is")
+
+
+def test_needle_prompts_differ_by_seed(tok):
+    assert needle_prompt(tok, 500, 0.5, seed=1).answers != needle_prompt(tok, 500, 0.5, seed=2).answers
+
+
+def test_score_answer():
+    assert score_answer(" 1234567.", ("1234567",)) == 1.0
+    assert score_answer("ABC and d", ("abc", "D", "x")) == pytest.approx(2 / 3)
+    assert score_answer("nothing", ("1234567",)) == 0.0
+
+
+def test_fidelity_of_full_and_evicting_cache(llama):
+    ids = prompt(120)
+    same = fidelity(llama, ids, 90, lambda: DynamicCache(), chunk=32)
+    assert same.nll_increase == pytest.approx(0.0, abs=1e-9) and same.top1_agreement == 1.0 and same.kl < 1e-9
+    lossy = fidelity(llama, ids, 90, lambda: EvictionCache(llama, "streaming", budget=12, sinks=2, recent=4), chunk=32)
+    assert lossy.kl > 0 and lossy.kv_bytes < same.kv_bytes

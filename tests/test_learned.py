@@ -1,0 +1,82 @@
+"""The learned retention policy: gates calibrate quickly on a tiny model and drive a global budget."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kvevict import EvictionCache, Policy
+from kvevict.calibrate import Recipe, capacity_loss, calibrate
+from kvevict.gates import Fingerprint, RetentionGates, load_gates
+from kvevict.scoring.learned import LearnedRetention
+from kvevict.selection import Global
+from conftest import prompt, tiny_gemma3, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    model = tiny_llama()
+    ids = torch.randint(2, 96, (4000,), generator=torch.Generator().manual_seed(0)).tolist()
+    recipe = Recipe(model="tiny-llama", seq_len=64, budget=8, steps=40, lr=1e-2, width=16)
+    out = tmp_path_factory.mktemp("policies")
+    card, history = calibrate(model, ids, recipe, out, "random tokens", checkpoint=out / "ckpt")
+    return model, card, history
+
+
+def test_calibration_lowers_the_loss_and_reaches_the_budget(calibrated):
+    _, card, history = calibrated
+    loss = [h["kl"] + h["capacity"] for h in history]
+    assert sum(loss[-5:]) / 5 < 0.5 * sum(loss[:5]) / 5
+    assert history[-1]["live_per_head"] < history[0]["live_per_head"]
+    assert history[-1]["seconds"] < 120
+    saved = json.loads(card.read_text())
+    assert saved["model"] == "tiny-llama" and saved["steps"] == 40 and saved["fingerprint"]["layers"] == 2
+
+
+def test_calibration_resumes_from_checkpoint(calibrated, tmp_path):
+    model, card, history = calibrated
+    recipe = Recipe(model="tiny-llama", seq_len=64, budget=8, steps=40, lr=1e-2, width=16)
+    ids = torch.randint(2, 96, (4000,), generator=torch.Generator().manual_seed(0)).tolist()
+    _, again = calibrate(model, ids, recipe, tmp_path, "random tokens", checkpoint=card.parent / "ckpt")
+    assert again == history  # nothing left to train: the checkpoint holds all 40 steps
+
+
+def test_learned_policy_drives_a_global_budget(calibrated):
+    model, card, _ = calibrated
+    gates, loaded = load_gates(model.config, card)
+    assert loaded.target_budget == 8
+    cache = EvictionCache(model, Policy(LearnedRetention(gates), Global()), budget=12, sinks=2, recent=4, slack=2)
+    out = model.generate(prompt(60), past_key_values=cache, do_sample=False, max_new_tokens=10, prefill_chunk_size=16)
+    assert out.shape[1] == 70
+    stats = cache.stats()
+    heads = model.config.num_key_value_heads
+    assert stats["entries_total"] <= 2 * heads * (12 + 2) and stats["evicted"] > 0
+    layer = cache.layers[0]
+    assert bool((layer.kv.extra["log_beta"] < 0).all())  # every kept entry was scored at creation
+
+
+def test_policy_for_another_model_is_refused(calibrated):
+    _, card, _ = calibrated
+    with pytest.raises(ValueError, match="calibrated for"):
+        load_gates(tiny_gemma3().config, card)
+
+
+def test_learned_name_without_a_shipped_policy():
+    with pytest.raises(ValueError, match="no calibrated policy"):
+        EvictionCache(tiny_gemma3(), "learned", budget=64)
+
+
+def test_capacity_loss_is_zero_under_budget_and_positive_over():
+    decaying = [torch.full((1, 2, 64), -5.0)]  # beta ~ 0.007: about one live entry per head
+    keeping = [torch.full((1, 2, 64), -1e-6)]  # beta ~ 1: every entry stays
+    assert capacity_loss(decaying, budget=8).item() == 0.0
+    assert capacity_loss(keeping, budget=8).item() > 0.5
+
+
+def test_gates_only_for_full_attention_layers():
+    fp = Fingerprint.of(tiny_gemma3().config)
+    assert fp.full_layers == (2,)
+    gates = RetentionGates(fp, width=8)
+    assert gates(torch.randn(1, 5, 64), 2).shape == (1, 1, 5)

@@ -1,0 +1,54 @@
+"""Task generators: exact lengths, each needle present once, answers recoverable from the text."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from kvevict.evaluate import score_answer
+from kvevict.models import load_model
+from kvevict.tasks import TASKS
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_model("smollm2-135m")[1]
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+@pytest.mark.parametrize("length", [1024, 2048])
+def test_exact_length_and_answers_present(tok, name, length):
+    prompt = TASKS[name].build(tok, length, seed=7)
+    assert prompt.context.shape == (1, length)
+    text = tok.decode(prompt.context[0])
+    assert prompt.answers and all(a.lower() in text.lower() for a in prompt.answers)
+    assert score_answer(" ".join(prompt.answers), prompt.answers) == 1.0
+    assert score_answer("none of it", prompt.answers) == 0.0
+
+
+@pytest.mark.parametrize("name", [n for n in TASKS if n.startswith("niah")])
+def test_each_needle_once(tok, name):
+    prompt = TASKS[name].build(tok, 2048, seed=3)
+    text = tok.decode(prompt.context[0])
+    needles = re.findall(r"special magic numbers for ([a-z-]+) is: (\d{7})", text)
+    assert needles and all(text.count(value) == 1 for _, value in needles)
+    question = tok.decode(prompt.question[0])
+    asked = {k for k, _ in needles if k in question}
+    assert set(prompt.answers) == {v for k, v in needles if k in asked}
+
+
+def test_variable_chain(tok):
+    prompt = TASKS["variable_tracking"].build(tok, 1500, seed=1)
+    text = tok.decode(prompt.context[0])
+    assert len(prompt.answers) == 5
+    assert all(text.count(f"VAR {name} =") == 1 for name in prompt.answers)
+
+
+def test_seeds_change_the_sample(tok):
+    a = TASKS["niah_multikey"].build(tok, 1024, seed=1)
+    b = TASKS["niah_multikey"].build(tok, 1024, seed=2)
+    assert a.answers != b.answers
+    assert TASKS["niah_multikey"].build(tok, 1024, seed=1).answers == a.answers
