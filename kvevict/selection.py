@@ -142,6 +142,10 @@ class Quota(Allocator):
         share = n_image / (n_image + n_text).clamp(min=1) if self.image_share is None else self.image_share
         want = torch.round(budget * share).long()
         image_budget = torch.minimum(n_image, torch.maximum(want, budget - n_text))  # [B, H]
+        # protected entries (kept whatever their modality's share) count against that share
+        protected_image = (inputs.protected & image).sum(-1)
+        protected_text = (inputs.protected & text).sum(-1)
+        image_budget = torch.minimum(torch.maximum(image_budget, protected_image), budget - protected_text)
         text_budget = budget - image_budget
         keep = topk_per_head(ranked.masked_fill(~image, -torch.inf), image_budget)
         return keep | topk_per_head(ranked.masked_fill(~text, -torch.inf), text_budget)

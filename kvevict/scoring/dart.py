@@ -31,20 +31,34 @@ class DART(WrappedScorer):
         if inputs.image is None or not bool(inputs.image.any()):
             return scores
         image, valid = inputs.image, inputs.valid
-        keys = inputs.keys.float()
-        l1 = keys.abs().sum(-1)
-        k = min(self.pivots, keys.shape[2])
-        by_image = l1.masked_fill(~image, -torch.inf).topk(k, dim=-1)
-        by_text = l1.masked_fill(~(valid & ~image), -torch.inf).topk(k, dim=-1)
-        pivots = torch.cat([by_image.indices, by_text.indices], dim=-1)  # [B, H, 2k]
-        pivot_ok = torch.cat([by_image.values, by_text.values], dim=-1) > -torch.inf
+        l1 = inputs.keys.float().abs().sum(-1)
         unit = F.normalize(inputs.values.float(), dim=-1)
-        pivot_keys = torch.gather(unit, 2, pivots[..., None].expand(-1, -1, -1, unit.shape[-1]))
-        similarity = (unit @ pivot_keys.transpose(-1, -2)).masked_fill(~pivot_ok[:, :, None, :], -1.0)
+        k = min(self.pivots, l1.shape[-1])
+        image_idx, image_ok = _pivots(l1, unit, image, k)
+        text_idx, text_ok = _pivots(l1, unit, valid & ~image, k)
+        pivots, pivot_ok = torch.cat([image_idx, text_idx], -1), torch.cat([image_ok, text_ok], -1)  # [B, H, 2k]
+        pivot_vecs = torch.gather(unit, 2, pivots[..., None].expand(-1, -1, -1, unit.shape[-1]))
+        similarity = (unit @ pivot_vecs.transpose(-1, -2)).masked_fill(~pivot_ok[:, :, None, :], -1.0)
         redundancy = similarity.amax(-1)  # [B, H, S]
-        is_pivot = torch.zeros_like(image).scatter(-1, by_image.indices, by_image.values > -torch.inf)
-        image_scores = torch.where(is_pivot, 2.0, 1.0 - redundancy)
-        return torch.where(image, image_scores, scores)
+        is_pivot = torch.zeros_like(image).scatter(-1, image_idx, image_ok)
+        return torch.where(image, torch.where(is_pivot, 2.0, 1.0 - redundancy), scores)
 
     def __repr__(self) -> str:
         return f"DART(text={self.text!r}, pivots={self.pivots})"
+
+
+def _pivots(l1: torch.Tensor, unit: torch.Tensor, candidates: torch.Tensor, k: int,
+            same: float = 1 - 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy pivots: ``k`` times the candidate with the largest key L1 norm, skipping exact duplicates
+    (value cosine > ``same``) of pivots already taken. Returns indices and validity, ``[B, H, k]``."""
+    left = candidates.clone()
+    index, ok = [], []
+    for _ in range(k):
+        best = l1.masked_fill(~left, -torch.inf).argmax(-1, keepdim=True)  # [B, H, 1]
+        found = torch.gather(left, -1, best)
+        index.append(best)
+        ok.append(found)
+        vec = torch.gather(unit, 2, best[..., None].expand(-1, -1, -1, unit.shape[-1]))  # [B, H, 1, D]
+        duplicate = (unit @ vec.transpose(-1, -2))[..., 0] > same
+        left &= ~(duplicate & found)
+    return torch.cat(index, -1), torch.cat(ok, -1)
