@@ -178,7 +178,7 @@ def build_mask(
                 "of the whole conversation"
             )
         mask &= padding[b_idx, kv_idx]
-    if window is not None:
+    if window is not None and info is None:  # transformers' sliding rules carry the window themselves
         mask &= kv > q_idx - window
     # A query that may see nothing (a pad) attends to everything instead of producing NaNs.
     return mask | ~mask.any(-1, keepdim=True), False

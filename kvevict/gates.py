@@ -85,9 +85,11 @@ class RetentionGates(nn.Module):
         return F.logsigmoid(r).transpose(1, 2)
 
     def save(self, directory: Path, card: Card) -> Path:
-        """Write ``<model>.safetensors`` and ``<model>.json`` into ``directory``; return the card path."""
+        """Write ``<model>.safetensors`` (float16 weights) and ``<model>.json`` into ``directory``; return
+        the card path."""
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, directory / f"{card.model}.safetensors")
+        weights = {k: v.detach().half().contiguous() for k, v in self.state_dict().items()}
+        save_file(weights, directory / f"{card.model}.safetensors")
         path = directory / f"{card.model}.json"
         path.write_text(json.dumps(asdict(card), indent=1) + "\n")
         return path
@@ -107,6 +109,6 @@ def load_gates(config: PretrainedConfig, path: str | Path | None = None) -> tupl
             continue
         card = Card(**{**raw, "fingerprint": fp})
         gates = RetentionGates(fp, width=card.width)
-        gates.load_state_dict(load_file(card_path.with_suffix(".safetensors")))
+        gates.load_state_dict(load_file(card_path.with_suffix(".safetensors")))  # float16 -> float32 params
         return gates.eval(), card
     raise ValueError(f"no calibrated policy in {POLICY_DIR} matches this model ({want}); run `kvevict calibrate`")
