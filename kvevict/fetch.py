@@ -27,7 +27,9 @@ _CHUNK = 1 << 20
 
 @dataclass(frozen=True)
 class WheelMember:
-    """One file inside a distribution published on PyPI: a wheel, or a source archive (``sdist``)."""
+    """One file inside a distribution published on PyPI: a wheel, or a source archive (``sdist``).
+
+    An empty ``member`` names the distribution file itself."""
 
     package: str
     version: str
@@ -43,6 +45,8 @@ class WheelMember:
 
     def open(self, archive: Path) -> IO[bytes]:
         """A binary stream of the member inside ``archive``."""
+        if not self.member:
+            return open(archive, "rb")
         if self.sdist:
             stream = tarfile.open(archive, "r:gz").extractfile(self.member)
             if stream is None:

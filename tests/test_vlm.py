@@ -1,5 +1,5 @@
 """Vision-language models: image tagging (``prepare``), DART + quota eviction, budgets, on tiny random VLMs
-of every supported family (see ``vlm_models``)."""
+of every supported family (see ``kvevict.tiny_vlms``)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from kvevict import EvictionCache
 from kvevict.policy import Policy, resolve_policy
 from kvevict.scoring import DART, ScoreInputs
 from kvevict.selection import Quota, SelectionInputs
-from vlm_models import FAMILIES, IMAGE, SIZE, TOKENS_PER_IMAGE
+from kvevict.tiny_vlms import FAMILIES, IMAGE, SIZE, TOKENS_PER_IMAGE
 
 NAMES = list(FAMILIES)
 KW = dict(sinks=2, recent=4)

@@ -1,0 +1,41 @@
+"""The attention paths agree: SDPA over masked per-head entries, and the packed varlen layout that
+feeds flash-attn on GPUs (checked here against a plain-torch kernel with flash-attn's contract)."""
+
+from __future__ import annotations
+
+import torch
+
+from kvevict import EvictionCache
+from kvevict.attention import attend, attend_varlen, build_mask
+from conftest import prompt
+
+
+def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None, causal=True):
+    """flash_attn_varlen_func semantics in plain torch: causal masks align to the bottom-right."""
+    out = []
+    for i in range(len(cu_q) - 1):
+        qi, ki, vi = q[cu_q[i]:cu_q[i + 1]], k[cu_k[i]:cu_k[i + 1], 0], v[cu_k[i]:cu_k[i + 1], 0]
+        logits = torch.einsum("qgd,kd->gqk", qi, ki) * softmax_scale
+        lq, lk = qi.shape[0], ki.shape[0]
+        allowed = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq)
+        probs = logits.masked_fill(~allowed, -torch.inf).softmax(-1)
+        out.append(torch.einsum("gqk,kd->qgd", probs, vi))
+    return torch.cat(out)
+
+
+def test_varlen_packing_matches_masked_sdpa(llama):
+    # head-wise budgets leave heads with different numbers of entries (holes in the padded layout)
+    cache = EvictionCache(llama, "adakv:snapkv", budget=10, sinks=2, recent=4, slack=0)
+    llama(prompt(50), past_key_values=cache)
+    layer = cache.layers[1]
+    assert layer.kv.has_holes
+    g = torch.Generator().manual_seed(0)
+    for q in (1, 5):  # a decoding step and a prefill chunk
+        b, h, _, d = layer.kv.keys.shape
+        new_k, new_v = torch.randn(b, h, q, d, generator=g, dtype=torch.float64), torch.randn(b, h, q, d, generator=g, dtype=torch.float64)
+        keys, values = layer.update(new_k, new_v)
+        query = torch.randn(b, 2 * h, q, d, generator=g, dtype=torch.float64)
+        mask, is_causal = build_mask(layer.kv.positions, q, layer.seen, None, None, layer.kv.has_holes)
+        expected = attend(query, keys, values, mask, 0.25, is_causal)
+        got = attend_varlen(query, keys, values, layer.kv.positions, 0.25, reference_varlen)
+        assert torch.allclose(got, expected, atol=1e-10)
