@@ -2,6 +2,7 @@
 
 from .attention import ATTN_IMPLEMENTATION, register
 from .cache import EvictionCache, EvictingLayer, Protection
+from .models import load_model
 from .policy import Budget, Policy, available_policies, resolve_policy
 
 register()
@@ -14,5 +15,6 @@ __all__ = [
     "Policy",
     "Protection",
     "available_policies",
+    "load_model",
     "resolve_policy",
 ]
