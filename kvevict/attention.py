@@ -151,10 +151,11 @@ def build_mask(
     Returns ``(mask, is_causal)``: ``mask`` is ``None``, head-shared ``[1, 1, q, S]`` or per head
     ``[B, H, q, S]``; ``is_causal`` means plain causal attention over contiguous entries.
     """
-    plain = (info is None or (info.is_causal and info.padding is None)) and not has_holes
+    causal = info is None or (info.is_causal and info.padding is None)
+    if causal and q_length == 1 and window is None:  # decoding: every stored entry is in the past
+        return ((positions >= 0)[:, :, None, :] if has_holes else None), False
+    plain = causal and not has_holes
     q_pos = torch.arange(seen - q_length, seen, device=positions.device)
-    if plain and q_length == 1 and window is None:
-        return None, False
     if plain and _same_everywhere(positions):
         row = positions[0, 0]
         if window is None and row.shape[0] == q_length and bool((row == q_pos).all()):
