@@ -400,7 +400,7 @@ class EvictionCache(Cache):
         if isinstance(model, PreTrainedModel):
             _switch_attention(model)
         text = config.get_text_config(decoder=True)
-        self.fingerprint = _check_architecture(text)
+        _check_architecture(text)
         if slack < 0:
             raise ValueError(f"slack must be >= 0, got {slack}")
         self.policy = resolve_policy(policy, config)
@@ -540,11 +540,8 @@ def _layer_types(text: PretrainedConfig) -> list[str]:
     return types
 
 
-def _check_architecture(text: PretrainedConfig) -> tuple:
-    """Reject models without standard multi-head attention layers; return a fingerprint of the rest."""
+def _check_architecture(text: PretrainedConfig) -> None:
+    """Reject models without standard multi-head attention layers."""
     missing = [a for a in ("num_hidden_layers", "num_attention_heads") if getattr(text, a, None) is None]
     if missing:
         raise ValueError(f"{type(text).__name__} lacks {missing}: not a model with standard attention layers")
-    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return (text.model_type, text.num_hidden_layers, heads, head_dim)

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field
 
 import torch
-
 from transformers import PretrainedConfig
 
 from .gates import load_gates
