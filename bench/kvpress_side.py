@@ -5,7 +5,8 @@
 Builds the token ids here (kvevict's tokenizer, data and seeds), creates kvpress's own environment
 on first use (``.kvpress-env``: torch 2.13.0 + kvpress 0.5.5, which pins transformers < 5.3), runs
 ``bench/kvpress_runner.py`` there on kvevict's fp32 copy of the model, and merges the rows into
-``bench/results/policies_<model>_<length>.json`` (and its markdown table) as ``kvpress:<Press>``.
+``bench/results/policies_<model>_<length>.json`` as ``kvpress:<Press>`` (the markdown table is rewritten
+by the next run of ``bench/policies.py``).
 Protocol difference, forced by kvpress: its presses compress the context in ONE prefill pass (they
 do nothing to chunked prefills); the question and continuation follow uncompressed, as here.
 """
@@ -19,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from kvevict.evaluate import haystack_ids, needle_prompt
+from kvevict.evaluate import policy_workload, workload_arguments
 from kvevict.models import default_cache_dir, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,25 +40,18 @@ def ensure_env() -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--length", type=int, default=4096)
-    p.add_argument("--continuation", type=int, default=512)
-    p.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.25, 0.5])
+    workload_arguments(p)
     p.add_argument("--presses", nargs="+", default=PRESSES)
-    p.add_argument("--depths", type=float, nargs="+", default=[0.2, 0.4, 0.6, 0.8])
-    p.add_argument("--documents", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     _, tok = load_model(args.model)  # makes sure the fp32 copy exists
+    work = policy_workload(tok, args.length, args.continuation, args.documents, args.depths)
     job = {
         "model": args.model, "length": args.length, "presses": args.presses, "budgets": args.budgets,
         "model_dir": str(default_cache_dir() / "models" / args.model / "fast"), "threads": args.threads,
         "max_new_tokens": 16,
-        # the same windows and needles as bench/policies.py
-        "fidelity": [{"ids": haystack_ids(tok, args.length, offset=50_000 + 40_000 * i),
-                      "prefix": args.length - args.continuation} for i in range(args.documents)],
+        "fidelity": [{"ids": doc[0].tolist(), "prefix": work.prefix} for doc in work.documents],
         "needles": [dict(context=pr.context[0].tolist(), question=pr.question[0].tolist(), answers=list(pr.answers))
-                    for pr in (needle_prompt(tok, args.length, d, seed=i) for i, d in enumerate(args.depths))],
+                    for pr in work.needles],
     }
     with tempfile.TemporaryDirectory() as tmp:
         job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "rows.json"

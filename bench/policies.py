@@ -21,7 +21,8 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from kvevict import EvictionCache
-from kvevict.evaluate import answer, continuation_logits, fidelity, haystack_ids, needle_prompt, score_answer
+from kvevict.evaluate import (answer, continuation_logits, fidelity, policy_workload, score_answer,
+                              workload_arguments)
 from kvevict.models import load_model
 
 POLICIES = ["random", "streaming", "h2o", "snapkv", "tova", "knorm", "keydiff", "expected_attention",
@@ -30,15 +31,9 @@ POLICIES = ["random", "streaming", "h2o", "snapkv", "tova", "knorm", "keydiff", 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--length", type=int, default=4096)
-    p.add_argument("--continuation", type=int, default=512)
-    p.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.25, 0.5])
+    workload_arguments(p)
     p.add_argument("--policies", nargs="+", default=POLICIES)
-    p.add_argument("--depths", type=float, nargs="+", default=[0.2, 0.4, 0.6, 0.8])
-    p.add_argument("--documents", type=int, default=2)
     p.add_argument("--chunk", type=int, default=512)
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -47,9 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     done = {(r["policy"], r["budget"]) for r in rows}
 
     model, tok = load_model(args.model)
-    docs = [torch.tensor([haystack_ids(tok, args.length, offset=50_000 + 40_000 * i)]) for i in range(args.documents)]
-    prefix = args.length - args.continuation
-    needles = [needle_prompt(tok, args.length, d, seed=i) for i, d in enumerate(args.depths)]
+    work = policy_workload(tok, args.length, args.continuation, args.documents, args.depths)
+    docs, prefix, needles = work.documents, work.prefix, work.needles
     started = time.perf_counter()
     references = [continuation_logits(model, d, prefix, DynamicCache(config=model.config), args.chunk)[0] for d in docs]
     configs = [("full", None)] + [(pol, b) for pol in args.policies for b in args.budgets]

@@ -7,6 +7,7 @@ question while it decides what to keep.
 
 from __future__ import annotations
 
+import argparse
 import random
 import time
 from dataclasses import dataclass
@@ -91,6 +92,35 @@ def needle_prompt(tok: PreTrainedTokenizerBase, length: int, depth: float, seed:
     question = encode(tok, "\n\nWhat is the special magic number mentioned in the text?" + tail
                       + "The special magic number is")
     return Prompt(torch.tensor([context]), torch.tensor([question]), (value,))
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a policy comparison runs on, the same token ids for every runtime: essay windows
+    ``[1, length]`` whose last tokens after ``prefix`` are scored for fidelity, and needle prompts."""
+
+    documents: list[torch.Tensor]
+    prefix: int
+    needles: list[Prompt]
+
+
+def policy_workload(tok: PreTrainedTokenizerBase, length: int, continuation: int, documents: int,
+                    depths: list[float]) -> Workload:
+    """The windows (fixed essay offsets) and needles (one seed per depth) of ``bench/policies.py``."""
+    docs = [torch.tensor([haystack_ids(tok, length, offset=50_000 + 40_000 * i)]) for i in range(documents)]
+    needles = [needle_prompt(tok, length, depth, seed=i) for i, depth in enumerate(depths)]
+    return Workload(docs, length - continuation, needles)
+
+
+def workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """Command-line options shared by the policy benchmarks (model, lengths, budgets, samples)."""
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--length", type=int, default=4096)
+    parser.add_argument("--continuation", type=int, default=512)
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.25, 0.5])
+    parser.add_argument("--depths", type=float, nargs="+", default=[0.2, 0.4, 0.6, 0.8])
+    parser.add_argument("--documents", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
 
 
 def score_answer(output: str, answers: tuple[str, ...]) -> float:
