@@ -335,10 +335,14 @@ class EvictingLayer(CacheLayerMixin):
             return False
         self.since_eviction = 0
         inputs = self.selection_inputs(budget)
-        keep = allocator.select(inputs) | (inputs.protected & inputs.valid)
-        # Rows within budget keep everything, as they would if they ran alone.
-        self.evicted += self.kv.compact(torch.where(over[:, None, None], keep, inputs.valid))
+        self.keep(allocator.select(inputs), inputs, over)
         return True
+
+    def keep(self, selected: torch.Tensor, inputs: SelectionInputs, rows: torch.Tensor) -> None:
+        """Compact to the ``selected`` slots plus the protected ones, in the ``rows`` ``[B]`` that are over
+        budget; other rows keep everything, as they would if they ran alone."""
+        keep = selected | (inputs.protected & inputs.valid)
+        self.evicted += self.kv.compact(torch.where(rows[:, None, None], keep, inputs.valid))
 
     # --- helpers ----------------------------------------------------------------------------------
     def _check_compatible(self, key_states: torch.Tensor) -> None:
@@ -442,8 +446,7 @@ class EvictionCache(Cache):
         inputs = [layer.selection_inputs(budget) for layer in full]
         keeps = self.policy.allocator.select_all(inputs, len(full) * heads * budget)
         for layer, x, keep in zip(full, inputs, keeps):
-            keep = keep | (x.protected & x.valid)
-            layer.evicted += layer.kv.compact(torch.where(over[:, None, None], keep, x.valid))
+            layer.keep(keep, x, over)
 
     def prepare(self, inputs: dict | torch.Tensor) -> "EvictionCache":
         """Tell the cache which positions hold image tokens, from the model inputs (a processor's
