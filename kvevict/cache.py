@@ -230,7 +230,7 @@ class EvictingLayer(CacheLayerMixin):
             new_pads = not bool(is_real.all())
         else:
             is_real, new_pads = None, False
-            self.real += q
+            self.real = self.real + q  # not in place: the tensor may come from an inference_mode prefill
             self.real_min += q
         self.module, self.scaling = module, scaling
         self.since_eviction += q

@@ -89,6 +89,19 @@ def test_chunked_prefill_bounds_memory_and_matches_generate(llama):
     assert torch.equal(torch.cat(tokens, -1), gen)
 
 
+@pytest.mark.parametrize("policy", ["streaming", "h2o", "global-zscore:knorm"])
+def test_inference_mode_prefill_then_generate(llama, policy):
+    """A context compressed under ``torch.inference_mode`` keeps working in ``generate`` (``no_grad``)."""
+    ids = prompt(60)
+    kw = dict(budget=16, sinks=2, recent=4, slack=3)
+    reference = generate(llama, ids, EvictionCache(llama, policy, **kw), prefill_chunk_size=20)
+    cache = EvictionCache(llama, policy, **kw)
+    with torch.inference_mode():
+        for chunk in ids[:, :40].split(20, dim=-1):
+            llama(chunk, past_key_values=cache)
+    assert torch.equal(generate(llama, ids, cache), reference)
+
+
 def test_multi_turn_feeds_only_new_tokens(llama):
     kw = dict(budget=24, sinks=2, recent=6, slack=4)
     turn1 = prompt(40)
