@@ -27,6 +27,7 @@ from .selection import SelectionInputs
 from .storage import HeadwiseKV
 
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+DEFERRED_OBSERVE_TOKENS = 16  # forward passes up to this size may batch their observations across layers
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,8 @@ class EvictingLayer(CacheLayerMixin):
         self.scaling = 1.0
         self.hidden: torch.Tensor | None = None  # attention input of this forward, for needs_hidden scorers
         self.on_forward_end: Callable[[], None] | None = None  # set on the last layer by a global policy
+        self.defer_observe = False  # a global policy observes all layers at the end of small forward passes
+        self.pending: ScoreInputs | None = None  # this forward's deferred observation
 
     @property
     def is_sliding(self) -> bool:  # read by transformers' mask creation
@@ -246,12 +249,16 @@ class EvictingLayer(CacheLayerMixin):
             self._remember_queries(queries.detach(), is_real)
         if scorer.observes:
             q_pos = torch.arange(self.seen - q, self.seen, device=self.device)
-            scorer.observe(self.score_inputs(queries.detach(), q_pos, is_real))
+            inputs = self.score_inputs(queries.detach(), q_pos, is_real)
+            if self.defer_observe and q <= DEFERRED_OBSERVE_TOKENS and not new_pads:
+                self.pending = inputs  # the storage stays as it is until the end of this forward pass
+            else:
+                scorer.observe(inputs)
             self.hidden = None
         evicted = self.policy.allocator.scope == "layer" and not self.paused and self._evict(force=new_pads)
         if new_pads and not evicted:
             self.kv.compact(self.kv.valid())
-        if self.on_forward_end is not None and not self.paused:
+        if self.on_forward_end is not None:
             self.on_forward_end()
 
     def _track_new_tokens(self, q: int, padding: torch.Tensor | None) -> torch.Tensor:
@@ -427,13 +434,28 @@ class EvictionCache(Cache):
             if not isinstance(model, PreTrainedModel):
                 raise ValueError(f"{self.policy.scorer.name!r} reads hidden states: build the cache from the model")
             _hook_attention_inputs(model, self)
-        full = [layer for layer in layers if layer.sliding_window is None]
-        if self.policy.allocator.scope == "global" and self.budget is not None and full:
-            full[-1].on_forward_end = self._evict_globally
+        self.full = [layer for layer in layers if layer.sliding_window is None]
+        if self.policy.allocator.scope == "global" and self.budget is not None and self.full:
+            self.full[-1].on_forward_end = self._end_of_forward
+            for layer in self.full:
+                layer.defer_observe = True
+
+    def _end_of_forward(self) -> None:
+        """After the last full-attention layer: the deferred observations in one batch, then the global
+        eviction (unless paused)."""
+        pending = [layer for layer in self.full if layer.pending is not None]
+        if pending:
+            self.policy.scorer.observe_layers([layer.pending for layer in pending])
+            for layer in pending:
+                layer.pending = None
+        if not self.full[-1].paused:
+            self._evict_globally()
 
     def _evict_globally(self) -> None:
-        """Global top-k over all full-attention layers, once per forward pass (after the last one)."""
-        full = [layer for layer in self.layers if layer.sliding_window is None]
+        """Global top-k over all full-attention layers, once per forward pass."""
+        full = self.full
+        if full[-1].since_eviction < self.slack:
+            return  # every row was within the budget after the last eviction, and fewer than `slack` tokens came since
         heads = full[0].kv.keys.shape[1]
         limit = len(full) * heads * (self.budget.entries_for(full[0].real_min) + self.slack)
         if not any(layer.kv.has_holes for layer in full) and sum(l.kv.length for l in full) * heads <= limit:
@@ -447,6 +469,9 @@ class EvictionCache(Cache):
         keeps = self.policy.allocator.select_all(inputs, len(full) * heads * budget)
         for layer, x, keep in zip(full, inputs, keeps):
             layer.keep(keep, x, over)
+        if bool(over.all()):
+            for layer in full:
+                layer.since_eviction = 0
 
     def prepare(self, inputs: dict | torch.Tensor) -> "EvictionCache":
         """Tell the cache which positions hold image tokens, from the model inputs (a processor's

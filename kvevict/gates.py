@@ -64,25 +64,45 @@ class Card:
 
 class RetentionGates(nn.Module):
     """Gates for the full-attention layers of one model. ``forward(h [B, q, D], layer_idx)`` gives
-    ``log beta`` ``[B, H, q]`` (<= 0)."""
+    ``log beta`` ``[B, H, q]`` (<= 0); :meth:`forward_layers` scores several layers in one batched pass.
+
+    The per-layer MLPs are stored stacked (``w1`` ``[L, D, W]``, ``b1`` ``[L, W]``, ``w2`` ``[L, W, W]``,
+    ``b2`` ``[L, W]``; ``L`` = full-attention layers), so decoding can score every layer with three
+    batched matrix products instead of ``3 L`` small ones.
+    """
 
     def __init__(self, fingerprint: Fingerprint, width: int = 128, init_bias: float = 10.0) -> None:
         super().__init__()
         self.fingerprint, self.width = fingerprint, width
         self.index = {layer: i for i, layer in enumerate(fingerprint.full_layers)}
-        d = fingerprint.hidden_size
-        self.mlps = nn.ModuleList(
-            nn.Sequential(nn.Linear(d, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU())
-            for _ in fingerprint.full_layers
-        )
+        n, d = len(fingerprint.full_layers), fingerprint.hidden_size
+
+        def uniform(*shape: int, fan_in: int) -> nn.Parameter:  # nn.Linear's default initialisation
+            return nn.Parameter(torch.empty(*shape).uniform_(-(fan_in**-0.5), fan_in**-0.5))
+
+        self.w1, self.b1 = uniform(n, d, width, fan_in=d), uniform(n, width, fan_in=d)
+        self.w2, self.b2 = uniform(n, width, width, fan_in=width), uniform(n, width, fan_in=width)
         self.shared = nn.Linear(width, fingerprint.kv_heads)
         nn.init.normal_(self.shared.weight, std=1e-3)
         nn.init.constant_(self.shared.bias, init_bias)
 
     def forward(self, hidden: torch.Tensor, layer_idx: int) -> torch.Tensor:
-        mlp = self.mlps[self.index[layer_idx]]
-        r = self.shared(mlp(hidden.to(self.shared.weight.dtype)))  # [B, q, H]
-        return F.logsigmoid(r).transpose(1, 2)
+        i = self.index[layer_idx]
+        x = F.silu(torch.addmm(self.b1[i], hidden.reshape(-1, hidden.shape[-1]).to(self.w1.dtype), self.w1[i]))
+        x = F.silu(torch.addmm(self.b2[i], x, self.w2[i]))
+        return F.logsigmoid(self.shared(x)).view(*hidden.shape[:-1], -1).transpose(1, 2)
+
+    def forward_layers(self, hidden: list[torch.Tensor], layers: list[int]) -> list[torch.Tensor]:
+        """``log beta`` ``[B, H, q]`` for each ``hidden`` ``[B, q, D]`` of the (same-shaped) ``layers``."""
+        w1, b1, w2, b2 = self.w1, self.b1, self.w2, self.b2
+        if list(layers) != list(self.index):  # a subset: gather its weights (all layers, in order, need no copy)
+            idx = torch.tensor([self.index[layer] for layer in layers], device=w1.device)
+            w1, b1, w2, b2 = w1[idx], b1[idx], w2[idx], b2[idx]
+        x = torch.stack(hidden).flatten(1, 2).to(w1.dtype)  # [L, B q, D]
+        x = F.silu(torch.baddbmm(b1[:, None], x, w1))
+        x = F.silu(torch.baddbmm(b2[:, None], x, w2))
+        out = F.logsigmoid(self.shared(x)).view(len(layers), *hidden[0].shape[:-1], -1).transpose(2, 3)
+        return list(out.unbind(0))
 
     def save(self, directory: Path, card: Card) -> Path:
         """Write ``<model>.safetensors`` (float16 weights) and ``<model>.json`` into ``directory``; return

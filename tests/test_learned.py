@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kvevict import EvictionCache, Policy
+from kvevict import cache as cache_module
 from kvevict.calibrate import Recipe, capacity_loss, calibrate
 from kvevict.gates import Fingerprint, RetentionGates, load_gates
 from kvevict.scoring.learned import LearnedRetention
@@ -55,6 +56,31 @@ def test_learned_policy_drives_a_global_budget(calibrated):
     assert stats["entries_total"] <= 2 * heads * (12 + 2) and stats["evicted"] > 0
     layer = cache.layers[0]
     assert bool((layer.kv.extra["log_beta"] < 0).all())  # every kept entry was scored at creation
+
+
+def test_batched_observation_equals_per_layer(calibrated, monkeypatch):
+    """Small forward passes of a global policy score all layers in one batch; same result as one by one."""
+    model, card, _ = calibrated
+    gates, _ = load_gates(model.config, card)
+    batches = []
+    batched = LearnedRetention.observe_layers
+    monkeypatch.setattr(LearnedRetention, "observe_layers", lambda self, x: batches.append(len(x)) or batched(self, x))
+
+    def run():
+        cache = EvictionCache(model, Policy(LearnedRetention(gates), Global()), budget=12, sinks=2, recent=4, slack=2)
+        out = model.generate(prompt(60), past_key_values=cache, do_sample=False, max_new_tokens=10,
+                             prefill_chunk_size=16)
+        return out, cache
+
+    out, cache = run()
+    assert batches and set(batches) == {len(cache.layers)}
+    monkeypatch.setattr(cache_module, "DEFERRED_OBSERVE_TOKENS", 0)
+    batches.clear()
+    out_one_by_one, one_by_one = run()
+    assert not batches and torch.equal(out, out_one_by_one)
+    for a, b in zip(cache.layers, one_by_one.layers):
+        assert torch.equal(a.kv.positions, b.kv.positions)
+        torch.testing.assert_close(a.kv.extra["log_beta"], b.kv.extra["log_beta"])
 
 
 def test_policy_for_another_model_is_refused(calibrated):

@@ -113,6 +113,23 @@ def test_global_budget_spans_layers():
     assert sum(counts) <= 3 * heads * 16 and len(set(counts)) > 1
 
 
+def test_global_budget_holds_at_every_step_of_a_padded_batch():
+    model = tiny_llama(layers=3)
+    slack, budget, heads = 3, 16, model.config.num_key_value_heads
+    cache = EvictionCache(model, "global-zscore:knorm", budget=budget, slack=slack, **PROTECT)
+    ids = prompt(40, batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :25] = 0  # the second row is left-padded: it stays under the budget for a while
+    model(ids, attention_mask=mask, past_key_values=cache)
+    token = ids[:, -1:]
+    for _ in range(30):
+        mask = torch.cat([mask, torch.ones_like(token)], dim=-1)
+        model(token, attention_mask=mask, past_key_values=cache)
+        held = sum(layer.kv.counts().sum(-1) for layer in cache.layers)
+        assert bool((held <= 3 * heads * (budget + slack)).all()), held.tolist()
+    assert cache.stats()["evicted"] > 0
+
+
 def test_threshold_keeps_scores_above_tau(llama):
     recorder = Recording(SCORERS["knorm"]())
     tau = -0.63  # about the median key norm of the tiny model

@@ -70,6 +70,12 @@ class Scorer:
     def observe(self, inputs: ScoreInputs) -> None:
         """Update ``inputs.state`` from the current forward pass (only when ``observes``)."""
 
+    def observe_layers(self, inputs: list[ScoreInputs]) -> None:
+        """:meth:`observe` for several layers of one forward pass at once (global policies batch small
+        forward passes this way); override to batch the work."""
+        for x in inputs:
+            self.observe(x)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 

@@ -23,16 +23,34 @@ class LearnedRetention(Scorer):
 
     def __init__(self, gates: RetentionGates, lookahead: int = 0) -> None:
         self.gates, self.lookahead = gates, lookahead
+        self.placed = False
 
     @torch.no_grad()
     def observe(self, inputs: ScoreInputs) -> None:
         """Score the entries this forward pass created (the last ``q`` slots)."""
-        q = inputs.hidden.shape[1]
-        log_beta = self.gates(inputs.hidden, inputs.layer_idx).to(inputs.keys.device)  # [B, H, q]
+        self._store(inputs, self.gates(self._placed(inputs.hidden), inputs.layer_idx))
+
+    @torch.no_grad()
+    def observe_layers(self, inputs: list[ScoreInputs]) -> None:
+        """:meth:`observe` for several layers in one batched pass through the gates."""
+        hidden = [self._placed(x.hidden) for x in inputs]
+        for x, log_beta in zip(inputs, self.gates.forward_layers(hidden, [x.layer_idx for x in inputs])):
+            self._store(x, log_beta)
+
+    def _placed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Move the gates to the device of the first hidden states they see; bring later ones to them."""
+        if not self.placed:
+            self.gates.to(hidden.device)
+            self.placed = True
+        return hidden.to(self.gates.w1.device)
+
+    @staticmethod
+    def _store(inputs: ScoreInputs, log_beta: torch.Tensor) -> None:
+        """Write ``log_beta`` ``[B, H, q]`` into the state of the last ``q`` slots."""
         state = inputs.state
         if "log_beta" not in state:
             state["log_beta"] = torch.zeros(inputs.positions.shape, device=inputs.keys.device)
-        state["log_beta"][..., -q:] = log_beta.float()
+        state["log_beta"][..., -log_beta.shape[-1]:] = log_beta.to(inputs.keys.device, torch.float32)
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         log_beta = inputs.state["log_beta"]
