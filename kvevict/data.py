@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import zipfile
 from pathlib import Path
 
@@ -74,6 +75,16 @@ EVAL_PLAYS = {
 }
 
 
+QUOREF = Artifact(
+    name="quoref",
+    file="quoref_answer_generation.json",
+    parts=(WheelMember("bigbench", "1.0.0", "bigbench-1.0.0/bigbench/benchmark_tasks/natural_instructions/"
+                       "subtask002_quoref_answer_generation/task.json", sdist=True),),
+    sha256="513c8c4893a56e12f9ab1b8eb4cd866d999ea3e9989f942a1051dc941a042b1c",
+    size=14_827_171,
+)
+
+
 EASY_VQA = Artifact(
     name="easy-vqa",
     file="easy_vqa-1.0-py3-none-any.whl",
@@ -110,6 +121,16 @@ def _text(artifact: Artifact, cache_dir: str | Path | None) -> str:
     directory = Path(cache_dir or default_cache_dir()).expanduser() / "data" / artifact.name
     with lock(directory):
         return fetch(artifact, directory).read_text(encoding="utf-8", errors="replace")
+
+
+def quoref(cache_dir: str | Path | None = None) -> list[tuple[str, str, tuple[str, ...]]]:
+    """Quoref's 6,500 questions (BIG-bench copy): ``(passage, question, answers)``; an answer with several
+    spans lists them all. Fetched once from the ``bigbench`` source distribution on PyPI (358 MB)."""
+    records = []
+    for example in json.loads(_text(QUOREF, cache_dir))["examples"]:
+        passage, question = example["input"].removeprefix("Passage: ").split("\nQuestion: ")
+        records.append((passage.strip(), question.strip(), tuple(t.removesuffix(".") for t in example["target"])))
+    return records
 
 
 def calibration_text(cache_dir: str | Path | None = None) -> str:

@@ -1,14 +1,16 @@
 """Long-context tasks built offline at exact token lengths with the target tokenizer.
 
 RULER-style synthetic tasks (needle retrieval in four variants, variable tracking, common and
-frequent word extraction) and a real-text task (who speaks a given line of a Shakespeare play held
-out from calibration). Every prompt is a :class:`~kvevict.evaluate.Prompt`: a context of exactly
+frequent word extraction), QA over shuffled documents (Quoref passages standing in for RULER's
+SQuAD / HotpotQA) and a real-text task (who speaks a given line of a Shakespeare play held out from
+calibration). Every prompt is a :class:`~kvevict.evaluate.Prompt`: a context of exactly
 ``length`` tokens (chat frame included) that a cache may compress, then the question and an answer
 prefix. Scoring is RULER's: case-insensitive substring match of the references.
 """
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 import string
@@ -19,7 +21,7 @@ from typing import Callable
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .data import EVAL_PLAYS, play_text, words
+from .data import EVAL_PLAYS, play_text, quoref, words
 from .evaluate import Prompt, chat_frame, encode, haystack_ids, sentence_boundary
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -195,6 +197,53 @@ def who_speaks(plays: tuple[str, ...] = tuple(EVAL_PLAYS)) -> Callable:
     return build
 
 
+QA_INSTRUCTION = "Answer the question based on the given documents. Only give me the answer and do not output any other words."
+
+
+@functools.cache
+def _qa_records() -> tuple[list[tuple[str, str, tuple[str, ...]]], list[str]]:
+    """Quoref's questions and its distinct passages (sorted, so seeds give the same prompts)."""
+    records = quoref()
+    return records, sorted({p for p, _, _ in records})
+
+
+def qa() -> Callable:
+    """RULER's QA: the Quoref passage that answers a question, shuffled among distractor passages."""
+
+    def build(tok: PreTrainedTokenizerBase, length: int, seed: int) -> Prompt:
+        rng = random.Random(seed)
+        records, passages = _qa_records()
+        head, tail = chat_frame(tok)
+        intro = encode(tok, head + QA_INSTRUCTION + "\n\nThe following are given documents.\n\n")
+        room = length - len(intro)
+        while True:  # a question whose passage fits
+            gold, question, answers = rng.choice(records)
+            if len(encode(tok, gold)) < room // 2:
+                break
+        docs, used = [gold], len(encode(tok, gold))
+        for passage in rng.sample(passages, len(passages)):
+            if room - used - 8 * len(docs) < 64:
+                break  # full: a header costs at most 8 tokens
+            n = len(encode(tok, passage))
+            if passage != gold and used + n + 8 * (len(docs) + 1) <= room:
+                docs.append(passage)
+                used += n
+        rng.shuffle(docs)
+        context = intro
+        for i, doc in enumerate(docs):
+            ids = encode(tok, f"Document {i + 1}:\n{doc}\n\n")
+            if len(context) + len(ids) > length:
+                if doc == gold:
+                    raise ValueError(f"length {length} is too short for this question; try another seed")
+                continue
+            context += ids
+        context += encode(tok, "\n") * (length - len(context))
+        question_ids = encode(tok, QA_INSTRUCTION + "\n\nQuestion: " + question + tail + "Answer:")
+        return Prompt(torch.tensor([context[:length]]), torch.tensor([question_ids]), answers)
+
+    return build
+
+
 TASKS: dict[str, Task] = {
     t.name: t
     for t in (
@@ -207,5 +256,6 @@ TASKS: dict[str, Task] = {
         Task("common_words", common_words()),
         Task("frequent_words", frequent_words()),
         Task("who_speaks", who_speaks()),
+        Task("qa", qa()),
     )
 }

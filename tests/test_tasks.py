@@ -8,7 +8,7 @@ import pytest
 
 from kvevict.evaluate import score_answer
 from kvevict.models import load_model
-from kvevict.tasks import TASKS
+from kvevict.tasks import TASKS, _qa_records
 
 pytestmark = pytest.mark.integration
 
@@ -52,3 +52,13 @@ def test_seeds_change_the_sample(tok):
     b = TASKS["niah_multikey"].build(tok, 1024, seed=2)
     assert a.answers != b.answers
     assert TASKS["niah_multikey"].build(tok, 1024, seed=1).answers == a.answers
+
+
+def test_qa_hides_the_answering_passage_once_among_distractors(tok):
+    prompt = TASKS["qa"].build(tok, 2048, seed=3)
+    text = tok.decode(prompt.context[0])
+    documents = re.findall(r"Document (\d+):\n", text)
+    assert len(documents) >= 2 and documents == [str(i + 1) for i in range(len(documents))]
+    records, _ = _qa_records()
+    gold = [p for p, q, a in records if q in tok.decode(prompt.question[0]) and a == prompt.answers]
+    assert gold and text.count(gold[0]) == 1
