@@ -2,7 +2,8 @@
 
 Executed INSIDE kvpress's own environment (kvpress 0.5.5 pins transformers < 5.3), so it imports
 neither kvevict nor anything newer: it reads a JSON job (model directory, presses, ratios, fidelity
-documents, needle prompts) and writes JSON rows with the same metrics as ``bench/policies.py``.
+documents, prompts) and writes, per press and budget, the raw fidelity numbers of each document and
+the answer (text and costs) to each prompt; kvevict's side aggregates and scores them.
 kvpress compresses only during the first prefill of an empty cache, so each context is prefilled in
 one forward pass under the press; the question / continuation follows without compression.
 """
@@ -34,10 +35,10 @@ def compressed(model, ids: torch.Tensor, press) -> tuple[DynamicCache, float, in
     cache = DynamicCache()
     start = time.perf_counter()
     if press is None:
-        model(ids, past_key_values=cache)
+        model(ids, past_key_values=cache, logits_to_keep=1)
     else:
         with press(model):
-            model(ids, past_key_values=cache)
+            model(ids, past_key_values=cache, logits_to_keep=1)
     return cache, time.perf_counter() - start, held_bytes(cache)
 
 
@@ -48,16 +49,38 @@ def positions(start: int, n: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def greedy(model, cache, ids: torch.Tensor, seen: int, new_tokens: int) -> list[int]:
+def greedy(model, cache, ids: torch.Tensor, seen: int, new_tokens: int, eos: set[int]) -> tuple[list[int], float]:
+    """Greedy answer after the question ``ids``; returns the tokens (up to an end token, excluded) and
+    ms per generated token, question prefill included (as kvevict's ``answer``)."""
+    start = time.perf_counter()
     out = []
-    logits = model(ids, past_key_values=cache, position_ids=positions(seen, ids.shape[1])).logits
+    logits = model(ids, past_key_values=cache, position_ids=positions(seen, ids.shape[1]), logits_to_keep=1).logits
     seen += ids.shape[1]
-    for _ in range(new_tokens):
+    for step in range(new_tokens):
         token = logits[:, -1:].argmax(-1)
+        if int(token) in eos:
+            break
         out.append(int(token))
-        logits = model(token, past_key_values=cache, position_ids=positions(seen, 1)).logits
-        seen += 1
-    return out
+        if step + 1 < new_tokens:
+            logits = model(token, past_key_values=cache, position_ids=positions(seen, 1)).logits
+            seen += 1
+    return out, 1000 * (time.perf_counter() - start) / max(len(out), 1)
+
+
+@torch.inference_mode()
+def fidelity(model, ids: torch.Tensor, prefix: int, ref: torch.Tensor, press) -> dict:
+    cache, seconds, held = compressed(model, ids[:, :prefix], press)
+    rest = ids[:, prefix:]
+    logits = model(rest, past_key_values=cache, position_ids=positions(prefix, rest.shape[1])).logits
+    lp = logits[0].float().log_softmax(-1)
+    target = ids[0, prefix + 1 :]
+    return {
+        "nll_full": -ref[:-1].gather(-1, target[:, None]).mean().item(),
+        "nll": -lp[:-1].gather(-1, target[:, None]).mean().item(),
+        "top1": (ref[:-1].argmax(-1) == lp[:-1].argmax(-1)).float().mean().item(),
+        "kl": (ref[:-1].exp() * (ref[:-1] - lp[:-1])).sum(-1).mean().item(),
+        "prefill_s": seconds, "kv_bytes": held,
+    }
 
 
 def main(job_path: str, out_path: str) -> None:
@@ -65,6 +88,7 @@ def main(job_path: str, out_path: str) -> None:
     torch.set_num_threads(job["threads"])
     model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(job["model_dir"])
+    eos = set(job["eos_token_ids"])
     docs = [(torch.tensor([d["ids"]]), d["prefix"]) for d in job["fidelity"]]
     refs = []
     for ids, prefix in docs:
@@ -77,39 +101,19 @@ def main(job_path: str, out_path: str) -> None:
     for name in job["presses"]:
         for budget in job["budgets"]:
             press = make_press(name, 1.0 - budget)
-            fid = []
-            for (ids, prefix), ref in zip(docs, refs):
-                cache, seconds, held = compressed(model, ids[:, :prefix], press)
-                rest = ids[:, prefix:]
-                with torch.inference_mode():
-                    logits = model(rest, past_key_values=cache, position_ids=positions(prefix, rest.shape[1])).logits
-                lp = logits[0].float().log_softmax(-1)
-                target = ids[0, prefix + 1 :]
-                fid.append({
-                    "nll_full": -ref[:-1].gather(-1, target[:, None]).mean().item(),
-                    "nll": -lp[:-1].gather(-1, target[:, None]).mean().item(),
-                    "top1": (ref[:-1].argmax(-1) == lp[:-1].argmax(-1)).float().mean().item(),
-                    "kl": (ref[:-1].exp() * (ref[:-1] - lp[:-1])).sum(-1).mean().item(),
-                    "seconds": seconds, "bytes": held,
-                })
-            hits = []
-            for needle in job["needles"]:
-                context = torch.tensor([needle["context"]])
-                cache, _, _ = compressed(model, context, press)
-                tokens = greedy(model, cache, torch.tensor([needle["question"]]), context.shape[1], job["max_new_tokens"])
-                text = tok.decode(tokens)
-                hits.append(sum(a.lower() in text.lower() for a in needle["answers"]) / len(needle["answers"]))
-            n = len(fid)
-            rows.append({
-                "model": job["model"], "length": job["length"], "policy": f"kvpress:{name}", "budget": budget,
-                "nll_full": sum(f["nll_full"] for f in fid) / n,
-                "nll_increase": sum(f["nll"] - f["nll_full"] for f in fid) / n,
-                "top1_agreement": sum(f["top1"] for f in fid) / n, "kl": sum(f["kl"] for f in fid) / n,
-                "needle": sum(hits) / len(hits), "needle_samples": len(hits),
-                "prefill_s": sum(f["seconds"] for f in fid) / n, "kv_mb": sum(f["bytes"] for f in fid) / n / 2**20,
-            })
-            print(json.dumps(rows[-1]), flush=True)
-    open(out_path, "w").write(json.dumps(rows, indent=1))
+            fid = [fidelity(model, ids, prefix, ref, press) for (ids, prefix), ref in zip(docs, refs)]
+            answers = []
+            for prompt in job["prompts"]:
+                context = torch.tensor([prompt["context"]])
+                start = time.perf_counter()
+                cache, seconds, held = compressed(model, context, press)
+                tokens, decode_ms = greedy(model, cache, torch.tensor([prompt["question"]]), context.shape[1],
+                                           job["max_new_tokens"], eos)
+                answers.append({"text": tok.decode(tokens, skip_special_tokens=True), "prefill_s": seconds,
+                                "kv_bytes": held, "decode_ms": decode_ms, "seconds": time.perf_counter() - start})
+            rows.append({"press": name, "budget": budget, "fidelity": fid, "answers": answers})
+            print(json.dumps({"press": name, "budget": budget}), flush=True)
+    open(out_path, "w").write(json.dumps(rows))
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@ Builds the token ids here (kvevict's tokenizer, data and seeds), creates kvpress
 on first use (``.kvpress-env``: torch 2.13.0 + kvpress 0.5.5, which pins transformers < 5.3), runs
 ``bench/kvpress_runner.py`` there on kvevict's fp32 copy of the model, and merges the rows into
 ``bench/results/policies_<model>_<length>.json`` as ``kvpress:<Press>`` (the markdown table is rewritten
-by the next run of ``bench/policies.py``).
+by the next run of ``bench/policies.py``). ``bench/ruler.py --presses ...`` uses :func:`run_presses`
+for the long-context tasks.
 Protocol difference, forced by kvpress: its presses compress the context in ONE prefill pass (they
-do nothing to chunked prefills); the question and continuation follow uncompressed, as here.
+do nothing to chunked prefills); the question / continuation follows uncompressed, as here.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from kvevict.evaluate import policy_workload, workload_arguments
+import torch
+from transformers import PreTrainedModel
+
+from kvevict.evaluate import Prompt, policy_workload, score_answer, workload_arguments
 from kvevict.models import default_cache_dir, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,27 +42,47 @@ def ensure_env() -> Path:
     return python
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    workload_arguments(p)
-    p.add_argument("--presses", nargs="+", default=PRESSES)
-    args = p.parse_args(argv)
-    _, tok = load_model(args.model)  # makes sure the fp32 copy exists
-    work = policy_workload(tok, args.length, args.continuation, args.documents, args.depths)
+def run_presses(model_name: str, model: PreTrainedModel, presses: list[str], budgets: list[float],
+                documents: list[torch.Tensor], prefix: int, prompts: list[Prompt], max_new_tokens: int,
+                threads: int) -> list[dict]:
+    """Run each press x budget in kvpress's environment. Returns one dict per press and budget:
+    ``press``, ``budget``, ``fidelity`` (per document: nll_full, nll, top1, kl, prefill_s, kv_bytes) and
+    ``answers`` (per prompt: text, prefill_s, kv_bytes, decode_ms, seconds)."""
+    eos = model.generation_config.eos_token_id
     job = {
-        "model": args.model, "length": args.length, "presses": args.presses, "budgets": args.budgets,
-        "model_dir": str(default_cache_dir() / "models" / args.model / "fast"), "threads": args.threads,
-        "max_new_tokens": 16,
-        "fidelity": [{"ids": doc[0].tolist(), "prefix": work.prefix} for doc in work.documents],
-        "needles": [dict(context=pr.context[0].tolist(), question=pr.question[0].tolist(), answers=list(pr.answers))
-                    for pr in work.needles],
+        "presses": presses, "budgets": budgets, "threads": threads, "max_new_tokens": max_new_tokens,
+        "model_dir": str(default_cache_dir() / "models" / model_name / "fast"),
+        "eos_token_ids": [] if eos is None else [eos] if isinstance(eos, int) else list(eos),
+        "fidelity": [{"ids": doc[0].tolist(), "prefix": prefix} for doc in documents],
+        "prompts": [dict(context=p.context[0].tolist(), question=p.question[0].tolist()) for p in prompts],
     }
     with tempfile.TemporaryDirectory() as tmp:
         job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "rows.json"
         job_path.write_text(json.dumps(job))
         subprocess.run([str(ensure_env()), str(ROOT / "bench" / "kvpress_runner.py"), str(job_path), str(out_path)],
                        check=True)
-        new = json.loads(out_path.read_text())
+        return json.loads(out_path.read_text())
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    workload_arguments(p)
+    p.add_argument("--presses", nargs="+", default=PRESSES)
+    args = p.parse_args(argv)
+    model, tok = load_model(args.model)  # also makes sure the fp32 copy exists
+    work = policy_workload(tok, args.length, args.continuation, args.documents, args.depths)
+    new = []
+    for run in run_presses(args.model, model, args.presses, args.budgets, work.documents, work.prefix,
+                           work.needles, 16, args.threads):
+        fid, n = run["fidelity"], len(run["fidelity"])
+        hits = [score_answer(a["text"], p.answers) for a, p in zip(run["answers"], work.needles)]
+        new.append({
+            "model": args.model, "length": args.length, "policy": f"kvpress:{run['press']}", "budget": run["budget"],
+            "nll_full": sum(f["nll_full"] for f in fid) / n, "nll_increase": sum(f["nll"] - f["nll_full"] for f in fid) / n,
+            "top1_agreement": sum(f["top1"] for f in fid) / n, "kl": sum(f["kl"] for f in fid) / n,
+            "needle": sum(hits) / len(hits), "needle_samples": len(hits),
+            "prefill_s": sum(f["prefill_s"] for f in fid) / n, "kv_mb": sum(f["kv_bytes"] for f in fid) / n / 2**20,
+        })
     results = ROOT / "bench" / "results" / f"policies_{args.model}_{args.length}.json"
     rows = json.loads(results.read_text()) if results.exists() else []
     keys = {(r["policy"], r["budget"]) for r in new}

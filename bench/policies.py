@@ -54,11 +54,7 @@ def main(argv: list[str] | None = None) -> None:
             return EvictionCache(model, policy, budget=budget)
 
         fid = [fidelity(model, d, prefix, make_cache, ref, args.chunk) for d, ref in zip(docs, references)]
-        hits, prefill_s = [], []
-        for prompt in needles:
-            text, seconds = answer(model, tok, prompt, make_cache(), args.chunk)
-            hits.append(score_answer(text, prompt.answers))
-            prefill_s.append(seconds)
+        hits = [score_answer(answer(model, tok, p, make_cache(), args.chunk).text, p.answers) for p in needles]
         n = len(fid)
         rows.append({
             "model": args.model, "length": args.length, "policy": policy, "budget": budget,

@@ -1,10 +1,12 @@
 """Long-context tasks (RULER-style + real text) for models x policies x budgets x lengths.
 
     python bench/ruler.py --model smollm2-135m --lengths 2048 4096 --policies full snapkv tova \
-        --budgets 0.1 0.25 0.5 --samples 4
+        --presses SnapKVPress --budgets 0.1 0.25 0.5 --samples 4
 
 Query-agnostic protocol: each context is compressed in chunks, then the question is appended with
-eviction paused. Resumable: results accumulate in ``bench/results/ruler_<model>.jsonl`` (one line
+eviction paused. ``--presses`` runs NVIDIA kvpress's presses on the same prompts and budgets in
+kvpress's own environment (see ``bench/kvpress_side.py``: one-pass prefill, forced by kvpress).
+Every row also records the KV bytes held after the context, its prefill time and decode ms/token. Resumable: results accumulate in ``bench/results/ruler_<model>.jsonl`` (one line
 per sample) and finished samples are skipped; the summary (markdown + CSV) and a plot of score vs
 budget per task are rewritten at the end of every run.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -27,9 +30,12 @@ from tqdm import tqdm  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 from kvevict import EvictionCache  # noqa: E402
-from kvevict.evaluate import answer, score_answer  # noqa: E402
+from kvevict.evaluate import Prompt, answer, score_answer  # noqa: E402
 from kvevict.models import load_model  # noqa: E402
 from kvevict.tasks import TASKS  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script, also under `kvevict bench`
+from kvpress_side import run_presses  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -40,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
     p.add_argument("--tasks", nargs="+", default=sorted(TASKS), choices=sorted(TASKS))
     p.add_argument("--policies", nargs="+", default=["full", "streaming", "snapkv", "tova", "expected_attention"])
+    p.add_argument("--presses", nargs="*", default=[], help="kvpress presses run side by side (e.g. SnapKVPress)")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.25, 0.5])
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--chunk", type=int, default=512)
@@ -56,80 +63,125 @@ def main(argv: list[str] | None = None) -> None:
             for length in args.lengths for task in args.tasks for seed in range(args.samples)
             for policy, budget in [("full", None)] * ("full" in args.policies)
             + [(pol, b) for pol in args.policies if pol != "full" for b in args.budgets]]
-    started = time.perf_counter()
-    prompts: dict = {}
+    prompts = {(length, task, seed): None for length in args.lengths for task in args.tasks
+               for seed in range(args.samples)}
+
+    def prompt(length: int, task: str, seed: int) -> Prompt:
+        if prompts[(length, task, seed)] is None:
+            prompts[(length, task, seed)] = TASKS[task].build(tok, length, seed)
+        return prompts[(length, task, seed)]
+
     RESULTS.mkdir(parents=True, exist_ok=True)
     with log.open("a") as out:
         for length, task, policy, budget, seed in tqdm(runs, desc=f"ruler {args.model}"):
             key = [args.model, length, task, policy, budget, seed]
             if tuple(key) in done:
                 continue
-            if (length, task, seed) not in prompts:
-                prompts[(length, task, seed)] = TASKS[task].build(tok, length, seed)
-            prompt = prompts[(length, task, seed)]
             cache = (DynamicCache(config=model.config) if policy == "full"
                      else EvictionCache(model, policy, budget=budget))
-            text, seconds = answer(model, tok, prompt, cache, args.chunk, args.max_new_tokens)
-            row = {"key": key, "model": args.model, "length": length, "task": task, "policy": policy,
-                   "budget": budget, "seed": seed, "score": score_answer(text, prompt.answers),
-                   "output": text, "answers": list(prompt.answers), "prefill_s": round(seconds, 3)}
-            out.write(json.dumps(row) + "\n")
+            start = time.perf_counter()
+            result = answer(model, tok, prompt(length, task, seed), cache, args.chunk, args.max_new_tokens)
+            out.write(json.dumps(row(key, prompt(length, task, seed), result.text, result.prefill_s,
+                                     result.kv_bytes, result.decode_ms, time.perf_counter() - start)) + "\n")
             out.flush()
-    summarize(log, args.model, (time.perf_counter() - started) / 60)
+        for length in args.lengths:  # kvpress side by side, on the same prompts
+            keys = [k for k in prompts if k[0] == length]
+            for press in tqdm(args.presses, desc=f"kvpress {args.model} {length}"):
+                policy = f"kvpress:{press}"
+                if all((args.model, *k[:2], policy, b, k[2]) in done for k in keys for b in args.budgets):
+                    continue
+                for run in run_presses(args.model, model, [press], args.budgets, [], 0, [prompt(*k) for k in keys],
+                                       args.max_new_tokens, args.threads):
+                    for (_, task, seed), a in zip(keys, run["answers"]):
+                        key = [args.model, length, task, policy, run["budget"], seed]
+                        out.write(json.dumps(row(key, prompt(length, task, seed), a["text"], a["prefill_s"],
+                                                 a["kv_bytes"], a["decode_ms"], a["seconds"])) + "\n")
+                out.flush()
+    summarize(log, args.model, args.samples)
 
 
-def summarize(log: Path, model: str, minutes: float) -> None:
-    """Mean score per (length, task, policy, budget): markdown, CSV and a plot."""
-    groups: dict[tuple, list[float]] = defaultdict(list)
-    for row in map(json.loads, log.read_text().splitlines()):
-        groups[(row["length"], row["task"], row["policy"], row["budget"])].append(row["score"])
-    rows = [{"length": k[0], "task": k[1], "policy": k[2], "budget": k[3], "score": sum(v) / len(v), "n": len(v)}
-            for k, v in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[0][3] or 2))]
+def row(key: list, prompt: Prompt, text: str, prefill_s: float, kv_bytes: int, decode_ms: float,
+        elapsed_s: float) -> dict:
+    """One result line: the run's key, its score and costs (``elapsed_s``: the whole run)."""
+    model, length, task, policy, budget, seed = key
+    return {"key": key, "model": model, "length": length, "task": task, "policy": policy, "budget": budget,
+            "seed": seed, "score": score_answer(text, prompt.answers), "output": text, "answers": list(prompt.answers),
+            "prefill_s": round(prefill_s, 3), "kv_mb": round(kv_bytes / 2**20, 2), "decode_ms": round(decode_ms, 1),
+            "elapsed_s": round(elapsed_s, 2)}
+
+
+def summarize(log: Path, model: str, samples: int) -> None:
+    """Mean score and costs per (length, task, policy, budget) over the first ``samples`` seeds:
+    markdown, CSV and a plot."""
+    records = [r for r in map(json.loads, log.read_text().splitlines()) if r["seed"] < samples]
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[(r["length"], r["task"], r["policy"], r["budget"])].append(r)
+    rows = [{"length": k[0], "task": k[1], "policy": k[2], "budget": k[3], "n": len(v),
+             **{m: sum(r[m] for r in v) / len(v) for m in ("score", "kv_mb", "prefill_s", "decode_ms")}}
+            for k, v in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], order(kv[0][2], kv[0][3])))]
     stem = RESULTS / f"ruler_{model}"
     with stem.with_suffix(".csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    budgets = sorted({r["budget"] for r in rows if r["budget"] is not None})
+    minutes = sum(r["elapsed_s"] for r in records) / 60
     lines = [f"# Long-context tasks on {model} (query-agnostic)", "",
-             f"Mean score (RULER substring match) over n samples; this run took {minutes:.1f} min on a 2-core CPU.", ""]
+             "Mean score (RULER substring match) over n samples per task. Costs: KV MB held after the context, "
+             "its prefill time, decode ms per answer token (question included), averaged over the tasks. "
+             f"Compute: {minutes:.1f} min on a 2-core CPU, summed over the {len(records)} runs in this table.", ""]
     for length in sorted({r["length"] for r in rows}):
         tasks = sorted({r["task"] for r in rows if r["length"] == length})
-        lines += [f"## {length} tokens", "", "| policy | budget | " + " | ".join(tasks) + " | mean |",
-                  "|---|---|" + "---|" * (len(tasks) + 1)]
-        for policy, budget in sorted({(r["policy"], r["budget"]) for r in rows if r["length"] == length},
-                                     key=lambda x: (x[0] != "full", x[0], x[1] or 0)):
+        configs = sorted({(r["policy"], r["budget"]) for r in rows if r["length"] == length}, key=lambda c: order(*c))
+        lines += [f"## {length} tokens", "", "| policy | budget | " + " | ".join(tasks) + " | mean | KV MB | prefill s "
+                  "| decode ms |", "|---|---|" + "---|" * (len(tasks) + 4)]
+        for policy, budget in configs:
             cells = {r["task"]: r for r in rows if (r["length"], r["policy"], r["budget"]) == (length, policy, budget)}
-            scores = [cells[t]["score"] for t in tasks if t in cells]
+            mean = {m: sum(c[m] for c in cells.values()) / len(cells) for m in ("score", "kv_mb", "prefill_s", "decode_ms")}
             lines.append(f"| {policy} | {'-' if budget is None else f'{budget:.0%}'} | "
                          + " | ".join(f"{cells[t]['score']:.2f} (n={cells[t]['n']})" if t in cells else "-" for t in tasks)
-                         + f" | {sum(scores) / max(len(scores), 1):.2f} |")
+                         + f" | **{mean['score']:.2f}** | {mean['kv_mb']:.1f} | {mean['prefill_s']:.2f} | "
+                         f"{mean['decode_ms']:.1f} |")
         lines.append("")
     stem.with_suffix(".md").write_text("\n".join(lines))
-    plot(rows, budgets, stem.with_suffix(".png"))
+    plot(rows, stem.with_suffix(".png"))
     print(stem.with_suffix(".md").read_text())
 
 
-def plot(rows: list[dict], budgets: list[float], path: Path) -> None:
-    tasks = sorted({r["task"] for r in rows})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        for policy in sorted({r["policy"] for r in rows if r["policy"] != "full"}):
-            pts = sorted((r["budget"], r["score"]) for r in rows
-                         if r["task"] == task and r["policy"] == policy and r["length"] == max(x["length"] for x in rows))
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=policy)
-        full = [r["score"] for r in rows if r["task"] == task and r["policy"] == "full"
-                and r["length"] == max(x["length"] for x in rows)]
-        if full:
-            ax.axhline(full[0], color="black", linestyle="--", label="full cache")
-        ax.set_title(task, fontsize=9)
-        ax.set_xlabel("budget (fraction kept)")
-        ax.set_ylim(-0.05, 1.05)
-    axes[0][0].set_ylabel("score")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+def order(policy: str, budget: float | None) -> tuple:
+    """Table order: the full cache, kvevict's policies, then kvpress's presses; budgets ascending."""
+    return policy != "full", policy.startswith("kvpress:"), policy, budget or 0
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Score vs budget per task (and the mean over tasks) at each length; kvpress dashed."""
+    lengths = sorted({r["length"] for r in rows})
+    tasks = sorted({r["task"] for r in rows}) + ["mean"]
+    fig, axes = plt.subplots(len(lengths), len(tasks), figsize=(2.6 * len(tasks), 2.6 * len(lengths)), squeeze=False)
+    for axrow, length in zip(axes, lengths):
+        at = [r for r in rows if r["length"] == length]
+        for ax, task in zip(axrow, tasks):
+            cells = defaultdict(list)  # (policy, budget) -> scores
+            for r in at:
+                if task in ("mean", r["task"]):
+                    cells[(r["policy"], r["budget"])].append(r["score"])
+            for policy in sorted({p for p, _ in cells if p != "full"}, key=lambda p: order(p, 0)):
+                pts = sorted((b, sum(v) / len(v)) for (p, b), v in cells.items() if p == policy)
+                ax.plot(*zip(*pts), marker="o", markersize=3, linestyle="--" if policy.startswith("kvpress:") else "-",
+                        label=policy)
+            if ("full", None) in cells:
+                v = cells[("full", None)]
+                ax.axhline(sum(v) / len(v), color="black", linestyle=":", label="full cache")
+            ax.set_title(f"{task} @ {length}", fontsize=8)
+            ax.set_ylim(-0.05, 1.05)
+            ax.tick_params(labelsize=7)
+        axrow[0].set_ylabel("score")
+    for ax in axes[-1]:
+        ax.set_xlabel("budget (fraction kept)", fontsize=8)
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), fontsize=7)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=90)
 
 
 if __name__ == "__main__":

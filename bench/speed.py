@@ -1,26 +1,37 @@
-"""Decode speed and KV memory: full cache vs an evicting cache vs a plain cache holding `budget` tokens.
+"""Decode speed, prefill time and memory vs context length: full cache, evicting caches, a plain small cache.
 
-    python bench/speed.py --model smollm2-135m --contexts 2048 4096 8192 --budget 512
+    python bench/speed.py --model smollm2-135m --contexts 2048 4096 8192 --budget 512 --policies streaming learned
 
-The three runs share one model, one random-token context per length (speed does not depend on the
-text) and one hand-written loop (prefill, then greedy decode). "plain-<budget>" is the physical
-floor for decoding under a budget: a DynamicCache that only ever saw `budget` tokens.
+Each (context, cache) runs in a fresh process (so its peak RSS is its own) with one random-token
+context per length (speed does not depend on the text) and one hand-written loop: prefill, then
+greedy decode; the median decode step is reported. ``plain-<budget>`` is the physical floor for
+decoding under a budget: a DynamicCache that only ever saw ``budget`` tokens. Evicting caches are
+prefilled in ``--chunk``-token chunks, the others in one pass. Writes ``bench/results/speed.{json,md,png}``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-from transformers import DynamicCache
+import matplotlib
 
-from kvevict import EvictionCache
-from kvevict.evaluate import kv_bytes
-from kvevict.models import load_model
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
+
+from kvevict import EvictionCache  # noqa: E402
+from kvevict.evaluate import kv_bytes  # noqa: E402
+from kvevict.models import load_model  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
 
 
 @torch.inference_mode()
@@ -28,7 +39,7 @@ def run(model, ids: torch.Tensor, cache, chunk: int | None, steps: int) -> dict:
     """Prefill ``ids`` [1, n] (in chunks if given), then decode ``steps`` tokens; time both."""
     start = time.perf_counter()
     for part in ids.split(chunk or ids.shape[1], dim=-1):
-        logits = model(part, past_key_values=cache).logits
+        logits = model(part, past_key_values=cache, logits_to_keep=1).logits
     prefill = time.perf_counter() - start
     token = logits[:, -1:].argmax(-1)
     times = []
@@ -41,49 +52,86 @@ def run(model, ids: torch.Tensor, cache, chunk: int | None, steps: int) -> dict:
             "kv_bytes": kv_bytes(cache)}
 
 
+def measure(config: dict) -> dict:
+    """One (context, cache) run in this process; adds the peak RSS and the RSS after loading the model."""
+    torch.set_num_threads(config["threads"])
+    model, _ = load_model(config["model"])
+    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    n, kind, budget = config["context"], config["kind"], config["budget"]
+    ids = torch.randint(100, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
+    if kind in ("full", "plain"):
+        model.set_attn_implementation("sdpa")
+        context = ids if kind == "full" else ids[:, -budget:]
+        result = run(model, context, DynamicCache(config=model.config), None, config["steps"])
+    else:
+        result = run(model, ids, EvictionCache(model, kind, budget=budget), config["chunk"], config["steps"])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    name = kind if kind == "full" else f"{kind}-{budget}"
+    return {"model": config["model"], "context": n, "cache": name, **result, "rss_model_mb": round(loaded),
+            "peak_rss_mb": round(peak)}
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8192])
     p.add_argument("--budget", type=int, default=512)
-    p.add_argument("--policy", default="streaming")
-    p.add_argument("--chunk", type=int, default=512, help="prefill chunk of the evicting cache")
+    p.add_argument("--policies", nargs="+", default=["streaming", "learned"])
+    p.add_argument("--chunk", type=int, default=512, help="prefill chunk of the evicting caches")
     p.add_argument("--steps", type=int, default=34, help="decode steps per run")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "speed.json")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: a JSON config to measure in this process
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    model, _ = load_model(args.model)
-    vocab = model.config.vocab_size
+    if args.one:
+        print(json.dumps(measure(json.loads(args.one))))
+        return []
     rows = []
-    runs = [(n, kind) for n in args.contexts for kind in ("full", "kvevict", "plain")]
-    for n, kind in tqdm(runs, desc="speed"):
-        ids = torch.randint(100, vocab, (1, n), generator=torch.Generator().manual_seed(n))
-        if kind == "kvevict":
-            cache = EvictionCache(model, args.policy, budget=args.budget)
-            result = run(model, ids, cache, args.chunk, args.steps)
-        else:
-            model.set_attn_implementation("sdpa")
-            context = ids if kind == "full" else ids[:, -args.budget:]
-            result = run(model, context, DynamicCache(config=model.config), None, args.steps)
-        name = {"full": "full", "kvevict": f"{args.policy}-{args.budget}", "plain": f"plain-{args.budget}"}[kind]
-        rows.append({"model": args.model, "context": n, "cache": name, **result})
+    kinds = ["full", *args.policies, "plain"]
+    for n, kind in tqdm([(n, k) for n in args.contexts for k in kinds], desc="speed"):
+        config = dict(model=args.model, context=n, kind=kind, budget=args.budget, chunk=args.chunk, steps=args.steps,
+                      threads=args.threads)
+        out = subprocess.run([sys.executable, __file__, "--one", json.dumps(config)], check=True, capture_output=True,
+                             text=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
         tqdm.write(json.dumps(rows[-1]))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=1))
-    print(table(rows))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "speed.json").write_text(json.dumps(rows, indent=1))
+    (RESULTS / "speed.md").write_text(table(rows, args.policies[0]) + "\n")
+    plot(rows, RESULTS / "speed.png")
+    print(table(rows, args.policies[0]))
     return rows
 
 
-def table(rows: list[dict]) -> str:
-    """Markdown table of the rows, with decode time relative to the plain cache of the same context."""
-    plain = {r["context"]: r["decode_ms"] for r in rows if r["cache"].startswith("plain")}
-    lines = ["| context | cache | prefill s | decode ms/token | vs plain | KV MB |", "|---|---|---|---|---|---|"]
+def table(rows: list[dict], reference: str) -> str:
+    """Markdown table; decode time relative to the plain cache and to the ``reference`` evicting cache."""
+    def rel(r: dict, prefix: str) -> str:
+        base = [x["decode_ms"] for x in rows if x["context"] == r["context"] and x["cache"].startswith(prefix)]
+        return f"{r['decode_ms'] / base[0]:.2f}x" if base else "-"
+
+    lines = [f"# Decode speed and memory ({rows[0]['model']}, 2-core CPU)", "",
+             "| context | cache | prefill s | decode ms/token | vs plain | vs " + reference + " | KV MB | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        rel = f"{r['decode_ms'] / plain[r['context']]:.2f}x" if r["context"] in plain else "-"
-        lines.append(f"| {r['context']} | {r['cache']} | {r['prefill_s']} | {r['decode_ms']} | {rel} | "
-                     f"{r['kv_bytes'] / 2**20:.1f} |")
+        lines.append(f"| {r['context']} | {r['cache']} | {r['prefill_s']} | {r['decode_ms']} | {rel(r, 'plain-')} | "
+                     f"{rel(r, reference + '-')} | {r['kv_bytes'] / 2**20:.1f} | {r['peak_rss_mb']} |")
     return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Decode ms/token, KV MB and peak RSS vs context length, one line per cache."""
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for cache in dict.fromkeys(r["cache"] for r in rows):
+        pts = [r for r in rows if r["cache"] == cache]
+        x = [r["context"] for r in pts]
+        for ax, key, scale in zip(axes, ("decode_ms", "kv_bytes", "peak_rss_mb"), (1, 2**-20, 1)):
+            ax.plot(x, [r[key] * scale for r in pts], marker="o", label=cache)
+    for ax, title in zip(axes, ("decode ms / token", "KV cache MB", "peak RSS MB")):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("context tokens")
+        ax.set_xscale("log", base=2)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
 
 
 if __name__ == "__main__":

@@ -137,29 +137,38 @@ def kv_bytes(cache) -> int:
 
 
 @torch.inference_mode()
-def prefill(model: PreTrainedModel, ids: torch.Tensor, cache, chunk: int) -> torch.Tensor:
-    """Feed ``ids`` ``[1, n]`` in chunks; return the last chunk's logits."""
+def prefill(model: PreTrainedModel, ids: torch.Tensor, cache, chunk: int) -> None:
+    """Feed ``ids`` ``[1, n]`` into ``cache`` in chunks (logits only for the last token of each)."""
     for part in ids.split(chunk, dim=-1):
-        logits = model(part, past_key_values=cache).logits
-    return logits
+        model(part, past_key_values=cache, logits_to_keep=1)
 
 
-@torch.inference_mode()
+@dataclass(frozen=True)
+class Answer:
+    """A generated answer with what producing it cost."""
+
+    text: str
+    prefill_s: float  # compressing the context
+    kv_bytes: int  # held after compressing the context
+    decode_ms: float  # per generated token (question prefill included)
+
+
 def answer(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt: Prompt, cache, chunk: int = 512,
-           max_new_tokens: int = 16) -> tuple[str, float]:
-    """Query-agnostic answer: compress the context, then append the question with eviction paused.
-
-    Returns the decoded answer and the context prefill time in seconds.
-    """
+           max_new_tokens: int = 16) -> Answer:
+    """Query-agnostic answer: compress the context, then append the question with eviction paused."""
     start = time.perf_counter()
     prefill(model, prompt.context, cache, chunk)
     seconds = time.perf_counter() - start
+    held = kv_bytes(cache)
     if isinstance(cache, EvictionCache):
         cache.pause_eviction(True)
     ids = torch.cat([prompt.context, prompt.question], dim=-1)
+    start = time.perf_counter()
     out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, do_sample=False,
                          max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id or tok.eos_token_id)
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), seconds
+    new = out[0, ids.shape[1]:]
+    decode_ms = 1000 * (time.perf_counter() - start) / max(len(new), 1)
+    return Answer(tok.decode(new, skip_special_tokens=True), seconds, held, decode_ms)
 
 
 @dataclass(frozen=True)
