@@ -122,7 +122,12 @@ def calibrate(model: PreTrainedModel, ids: list[int], recipe: Recipe, out: Path,
     optimizer = torch.optim.AdamW(gates.parameters(), lr=recipe.lr)
     history: list[dict] = []
     if checkpoint is not None and (checkpoint / "gates.safetensors").exists():
-        gates.load_state_dict(load_file(checkpoint / "gates.safetensors"))
+        saved = load_file(checkpoint / "gates.safetensors")
+        expected = {k: tuple(v.shape) for k, v in gates.state_dict().items()}
+        if {k: tuple(v.shape) for k, v in saved.items()} != expected:
+            raise ValueError(f"the checkpoint in {checkpoint} does not fit these gates (another recipe or an older "
+                             "kvevict layout); delete it to calibrate from scratch")
+        gates.load_state_dict(saved)
         history = json.loads((checkpoint / "history.json").read_text())
     rng = random.Random(recipe.seed)
     for _ in range(len(history)):

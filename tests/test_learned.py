@@ -106,3 +106,11 @@ def test_gates_only_for_full_attention_layers():
     assert fp.full_layers == (2,)
     gates = RetentionGates(fp, width=8)
     assert gates(torch.randn(1, 5, 64), 2).shape == (1, 1, 5)
+
+
+def test_resuming_from_a_foreign_checkpoint_is_refused(calibrated, tmp_path):
+    model, card, _ = calibrated
+    recipe = Recipe(model="tiny-llama", seq_len=64, budget=8, steps=40, lr=1e-2, width=8)  # another width
+    ids = torch.randint(2, 96, (4000,), generator=torch.Generator().manual_seed(0)).tolist()
+    with pytest.raises(ValueError, match="does not fit these gates"):
+        calibrate(model, ids, recipe, tmp_path, "random tokens", checkpoint=card.parent / "ckpt")
