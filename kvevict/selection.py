@@ -175,16 +175,19 @@ class Global(Allocator):
 
     Needs scores on one scale: a calibrated scorer, or a normalisation of each (row, layer, head)'s
     scores over its entries: ``"sum"`` (shares of the head's total, for non-negative scores such as
-    attention) or ``"zscore"``.
+    attention) or ``"zscore"``. ``floor`` > 0 first gives every head its ``floor x budget`` best
+    entries (inside the total), so no head is starved.
     """
 
     name = "global"
     scope = "global"
 
-    def __init__(self, normalize: str | None = None) -> None:
+    def __init__(self, normalize: str | None = None, floor: float = 0.0) -> None:
         if normalize not in (None, "sum", "zscore"):
             raise ValueError(f"global normalize must be None, 'sum' or 'zscore', got {normalize!r}")
-        self.normalize = normalize
+        if not 0.0 <= floor <= 1.0:
+            raise ValueError(f"global floor must lie in [0, 1], got {floor}")
+        self.normalize, self.floor = normalize, floor
 
     def check_scorer(self, scorer) -> None:
         if self.normalize is None and not scorer.calibrated:
@@ -197,6 +200,9 @@ class Global(Allocator):
     def select_all(self, layers: list[SelectionInputs], total: torch.Tensor) -> list[torch.Tensor]:
         """Keep masks for every layer, ``total`` ``[B]`` entries per row across them all."""
         ranked = [self._normalized(x) for x in layers]
+        if self.floor > 0:  # each head's best floor x budget entries go first
+            per_head = torch.ceil(total.double() / sum(r[0].shape[0] for r in ranked) * self.floor).long()
+            ranked = [r.masked_fill(topk_per_head(r, per_head), torch.inf) for r in ranked]
         flat = torch.cat([r.flatten(1) for r in ranked], dim=1)  # [B, N]
         keep = topk_per_head(flat[:, None], total)[:, 0]
         out, start = [], 0
@@ -223,7 +229,7 @@ class Global(Allocator):
         raise RuntimeError("the global allocator selects across layers (select_all), not per layer")
 
     def __repr__(self) -> str:
-        return f"Global(normalize={self.normalize!r})"
+        return f"Global(normalize={self.normalize!r}, floor={self.floor})"
 
 
 ALLOCATORS: dict[str, type[Allocator] | tuple[type[Allocator], dict]] = {

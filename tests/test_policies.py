@@ -130,6 +130,30 @@ def test_global_budget_holds_at_every_step_of_a_padded_batch():
     assert cache.stats()["evicted"] > 0
 
 
+class StarvedHead(Scorer):
+    """Calibrated scores where KV head 0 of every layer is worth far less than the others."""
+
+    name = "starved"
+    calibrated = True
+
+    def score(self, inputs: ScoreInputs) -> torch.Tensor:
+        s = inputs.positions.float()
+        s[:, 0] -= 1e6
+        return s
+
+
+@pytest.mark.parametrize("floor", [0.0, 0.5])
+def test_global_floor_keeps_every_head_fed(llama, floor):
+    budget, sinks, recent = 16, 2, 4
+    cache = EvictionCache(llama, Policy(StarvedHead(), Global(floor=floor)), budget=budget, slack=0, sinks=sinks,
+                          recent=recent)
+    llama(prompt(80), past_key_values=cache)
+    for layer in cache.layers:
+        starved = int(layer.kv.counts()[0, 0])
+        assert starved == (sinks + recent if floor == 0 else budget // 2)
+    assert sum(int(layer.kv.counts().sum()) for layer in cache.layers) <= 2 * 2 * budget
+
+
 def test_threshold_keeps_scores_above_tau(llama):
     recorder = Recording(SCORERS["knorm"]())
     tau = -0.63  # about the median key norm of the tiny model
