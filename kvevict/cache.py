@@ -11,7 +11,7 @@ every forward pass: chunked prefill and decoding alike, once a head holds more t
 from __future__ import annotations
 
 import math
-import weakref
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Callable
 
@@ -141,8 +141,19 @@ class EvictingLayer(CacheLayerMixin):
         positions = torch.arange(self.seen, self.seen + q, device=self.device).expand(b, h, q)
         self.kv.append(key_states, value_states, positions)
         self.seen += q
+        if self.policy.scorer.needs_hidden and self.sliding_window is None:
+            self.hidden = self.take_attention_input()
         hand_over(self)
         return self.kv.keys, self.kv.values
+
+    def take_attention_input(self) -> torch.Tensor:
+        """This forward pass's attention input ``[B, q, D]`` of this layer, handed over by the hook."""
+        handed = _ATTENTION_INPUT.get()
+        _ATTENTION_INPUT.set(None)
+        if handed is None or handed[0] != self.layer_idx:
+            raise RuntimeError(f"layer {self.layer_idx}: no attention input was handed over; build the cache with "
+                               "EvictionCache(model, ...) so the model's attention modules are hooked")
+        return handed[1]
 
     def get_seq_length(self) -> int:
         """Logical tokens seen (not the stored count)."""
@@ -433,7 +444,7 @@ class EvictionCache(Cache):
         if self.policy.scorer.needs_hidden:
             if not isinstance(model, PreTrainedModel):
                 raise ValueError(f"{self.policy.scorer.name!r} reads hidden states: build the cache from the model")
-            _hook_attention_inputs(model, self)
+            _hook_attention_inputs(model)
         self.full = [layer for layer in layers if layer.sliding_window is None]
         if self.policy.allocator.scope == "global" and self.budget is not None and self.full:
             self.full[-1].on_forward_end = self._end_of_forward
@@ -524,28 +535,26 @@ class EvictionCache(Cache):
         }
 
 
-def _hook_attention_inputs(model: PreTrainedModel, cache: EvictionCache) -> None:
-    """Hand each attention module's input (the normalised hidden states) to its cache layer.
+_ATTENTION_INPUT: ContextVar[tuple[int, torch.Tensor] | None] = ContextVar("kvevict_attention_input", default=None)
 
-    The hooks hold the layers weakly and are removed when the cache is garbage-collected."""
+
+def _hook_attention_inputs(model: PreTrainedModel) -> None:
+    """Make each attention module hand its input (the normalised hidden states) to the cache layer
+    whose ``update`` it calls next (see :meth:`EvictingLayer.take_attention_input`). Installed once
+    per model; caches come and go without touching the hooks."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     modules = [m for name, m in decoder.named_modules() if name.endswith("self_attn") and hasattr(m, "layer_idx")]
-    if len(modules) != len(cache.layers):
-        raise ValueError(f"found {len(modules)} attention modules for {len(cache.layers)} cache layers")
-    handles = []
+    if not modules:
+        raise ValueError(f"found no attention modules with a layer index in {type(model).__name__}")
     for module in modules:
-        if cache.layers[module.layer_idx].sliding_window is not None:
-            continue  # sliding layers are never policy-evicted
-        layer = weakref.ref(cache.layers[module.layer_idx])
+        if not getattr(module, "_kvevict_input_hook", False):
+            module.register_forward_pre_hook(_hand_over_input, with_kwargs=True)
+            module._kvevict_input_hook = True
 
-        def hook(mod, args, kwargs, layer=layer):
-            target = layer()
-            if target is not None:
-                hidden = kwargs.get("hidden_states", args[0] if args else None)
-                target.hidden = hidden.detach()
 
-        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-    weakref.finalize(cache, lambda hs=tuple(handles): [h.remove() for h in hs])
+def _hand_over_input(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    _ATTENTION_INPUT.set((module.layer_idx, hidden.detach()))
 
 
 def _switch_attention(model: PreTrainedModel) -> None:

@@ -114,3 +114,16 @@ def test_resuming_from_a_foreign_checkpoint_is_refused(calibrated, tmp_path):
     ids = torch.randint(2, 96, (4000,), generator=torch.Generator().manual_seed(0)).tolist()
     with pytest.raises(ValueError, match="does not fit these gates"):
         calibrate(model, ids, recipe, tmp_path, "random tokens", checkpoint=card.parent / "ckpt")
+
+
+def test_caches_share_one_input_hook_per_attention_module(calibrated):
+    model, card, _ = calibrated
+    gates, _ = load_gates(model.config, card)
+    caches = [EvictionCache(model, Policy(LearnedRetention(gates), Global()), budget=12, sinks=2, recent=4)
+              for _ in range(3)]
+    for layer in model.model.layers:
+        assert len(layer.self_attn._forward_pre_hooks) == 1
+    ids = prompt(30)
+    first = model(ids, past_key_values=caches[0]).logits
+    assert torch.equal(model(ids, past_key_values=caches[1]).logits, first)
+    assert all("log_beta" in layer.kv.extra for layer in caches[1].layers)
