@@ -130,6 +130,7 @@ def summarize(log: Path, model: str, samples: int) -> None:
              "Mean score (RULER substring match) over n samples per task. Costs: KV MB held after the context, "
              "its prefill time, decode ms per answer token (question included), averaged over the tasks. "
              f"Compute: {minutes:.1f} min on a 2-core CPU, summed over the {len(records)} runs in this table.", ""]
+    lines += overview(rows)
     for length in sorted({r["length"] for r in rows}):
         tasks = sorted({r["task"] for r in rows if r["length"] == length})
         configs = sorted({(r["policy"], r["budget"]) for r in rows if r["length"] == length}, key=lambda c: order(*c))
@@ -146,6 +147,21 @@ def summarize(log: Path, model: str, samples: int) -> None:
     stem.with_suffix(".md").write_text("\n".join(lines))
     plot(rows, stem.with_suffix(".png"))
     print(stem.with_suffix(".md").read_text())
+
+
+def overview(rows: list[dict]) -> list[str]:
+    """Markdown lines: the mean score over tasks per policy (rows) and length x budget (columns)."""
+    mean: dict[tuple, list[float]] = defaultdict(list)
+    for r in rows:
+        mean[(r["policy"], r["length"], r["budget"])].append(r["score"])
+    columns = sorted({(length, budget) for _, length, budget in mean}, key=lambda c: (c[0], c[1] or 0))
+    policies = sorted({p for p, _, _ in mean}, key=lambda p: order(p, 0))
+    head = " | ".join(f"{length} @ {'full' if b is None else f'{b:.0%}'}" for length, b in columns)
+    lines = ["## Mean over tasks", "", f"| policy | {head} |", "|---|" + "---|" * len(columns)]
+    for policy in policies:
+        cells = [mean.get((policy, length, b)) for length, b in columns]
+        lines.append(f"| {policy} | " + " | ".join("-" if not c else f"{sum(c) / len(c):.2f}" for c in cells) + " |")
+    return lines + [""]
 
 
 def order(policy: str, budget: float | None) -> tuple:
