@@ -12,7 +12,7 @@ from kvevict import cache as cache_module
 from kvevict.calibrate import Recipe, capacity_loss, calibrate
 from kvevict.gates import Fingerprint, RetentionGates, load_gates
 from kvevict.scoring.learned import LearnedRetention
-from kvevict.selection import Global
+from kvevict.selection import Global, Threshold
 from conftest import prompt, tiny_gemma3, tiny_llama
 
 
@@ -127,3 +127,18 @@ def test_caches_share_one_input_hook_per_attention_module(calibrated):
     first = model(ids, past_key_values=caches[0]).logits
     assert torch.equal(model(ids, past_key_values=caches[1]).logits, first)
     assert all("log_beta" in layer.kv.extra for layer in caches[1].layers)
+
+
+def test_threshold_mode_keeps_entries_scoring_above_tau(calibrated):
+    model, card, _ = calibrated
+    gates, _ = load_gates(model.config, card)
+    scorer = LearnedRetention(gates)
+    tau = -3.0
+    cache = EvictionCache(model, Policy(scorer, Threshold(tau)), budget=None, sinks=2, recent=4, slack=0)
+    model(prompt(60), past_key_values=cache)
+    for layer in cache.layers:
+        pos = layer.kv.positions
+        score = scorer.score(layer.score_inputs())
+        protected = (pos < 2) | (pos >= 60 - 4)
+        assert bool(((score >= tau) | protected)[pos >= 0].all())
+    assert 0 < cache.stats()["evicted"]
