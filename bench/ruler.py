@@ -174,6 +174,8 @@ def plot(rows: list[dict], path: Path) -> None:
     lengths = sorted({r["length"] for r in rows})
     tasks = sorted({r["task"] for r in rows}) + ["mean"]
     fig, axes = plt.subplots(len(lengths), len(tasks), figsize=(2.6 * len(tasks), 2.6 * len(lengths)), squeeze=False)
+    names = sorted({r["policy"] for r in rows if r["policy"] != "full"}, key=lambda p: order(p, 0))
+    colors = {p: plt.cm.tab20(i % 20) for i, p in enumerate(names)}
     for axrow, length in zip(axes, lengths):
         at = [r for r in rows if r["length"] == length]
         for ax, task in zip(axrow, tasks):
@@ -184,7 +186,7 @@ def plot(rows: list[dict], path: Path) -> None:
             for policy in sorted({p for p, _ in cells if p != "full"}, key=lambda p: order(p, 0)):
                 pts = sorted((b, sum(v) / len(v)) for (p, b), v in cells.items() if p == policy)
                 ax.plot(*zip(*pts), marker="o", markersize=3, linestyle="--" if policy.startswith("kvpress:") else "-",
-                        label=policy)
+                        color=colors[policy], linewidth=2.5 if policy == "learned" else 1.2, label=policy)
             if ("full", None) in cells:
                 v = cells[("full", None)]
                 ax.axhline(sum(v) / len(v), color="black", linestyle=":", label="full cache")
