@@ -77,7 +77,7 @@ def fidelity(model, ids: torch.Tensor, prefix: int, ref: torch.Tensor, press) ->
     return {
         "nll_full": -ref[:-1].gather(-1, target[:, None]).mean().item(),
         "nll": -lp[:-1].gather(-1, target[:, None]).mean().item(),
-        "top1": (ref[:-1].argmax(-1) == lp[:-1].argmax(-1)).float().mean().item(),
+        "top1_agreement": (ref[:-1].argmax(-1) == lp[:-1].argmax(-1)).float().mean().item(),
         "kl": (ref[:-1].exp() * (ref[:-1] - lp[:-1])).sum(-1).mean().item(),
         "prefill_s": seconds, "kv_bytes": held,
     }

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from kvevict.evaluate import Prompt, policy_workload, score_answer, workload_arguments
+from kvevict.evaluate import Prompt, policy_row, policy_workload, score_answer, workload_arguments
 from kvevict.models import default_cache_dir, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,7 +46,7 @@ def run_presses(model_name: str, model: PreTrainedModel, presses: list[str], bud
                 documents: list[torch.Tensor], prefix: int, prompts: list[Prompt], max_new_tokens: int,
                 threads: int) -> list[dict]:
     """Run each press x budget in kvpress's environment. Returns one dict per press and budget:
-    ``press``, ``budget``, ``fidelity`` (per document: nll_full, nll, top1, kl, prefill_s, kv_bytes) and
+    ``press``, ``budget``, ``fidelity`` (per document: nll_full, nll, top1_agreement, kl, prefill_s, kv_bytes) and
     ``answers`` (per prompt: text, prefill_s, kv_bytes, decode_ms, seconds)."""
     eos = model.generation_config.eos_token_id
     job = {
@@ -71,18 +71,12 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     model, tok = load_model(args.model)  # also makes sure the fp32 copy exists
     work = policy_workload(tok, args.length, args.continuation, args.documents, args.depths)
-    new = []
-    for run in run_presses(args.model, model, args.presses, args.budgets, work.documents, work.prefix,
-                           work.needles, 16, args.threads):
-        fid, n = run["fidelity"], len(run["fidelity"])
-        hits = [score_answer(a["text"], p.answers) for a, p in zip(run["answers"], work.needles)]
-        new.append({
-            "model": args.model, "length": args.length, "policy": f"kvpress:{run['press']}", "budget": run["budget"],
-            "nll_full": sum(f["nll_full"] for f in fid) / n, "nll_increase": sum(f["nll"] - f["nll_full"] for f in fid) / n,
-            "top1_agreement": sum(f["top1"] for f in fid) / n, "kl": sum(f["kl"] for f in fid) / n,
-            "needle": sum(hits) / len(hits), "needle_samples": len(hits),
-            "prefill_s": sum(f["prefill_s"] for f in fid) / n, "kv_mb": sum(f["kv_bytes"] for f in fid) / n / 2**20,
-        })
+    new = [
+        policy_row(args.model, args.length, f"kvpress:{run['press']}", run["budget"], run["fidelity"],
+                   [score_answer(a["text"], p.answers) for a, p in zip(run["answers"], work.needles)])
+        for run in run_presses(args.model, model, args.presses, args.budgets, work.documents, work.prefix,
+                               work.needles, 16, args.threads)
+    ]
     results = ROOT / "bench" / "results" / f"policies_{args.model}_{args.length}.json"
     rows = json.loads(results.read_text()) if results.exists() else []
     keys = {(r["policy"], r["budget"]) for r in new}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -55,14 +56,7 @@ def main(argv: list[str] | None = None) -> None:
 
         fid = [fidelity(model, d, prefix, make_cache, ref, args.chunk) for d, ref in zip(docs, references)]
         hits = [score_answer(answer(model, tok, p, make_cache(), args.chunk).text, p.answers) for p in needles]
-        n = len(fid)
-        rows.append({
-            "model": args.model, "length": args.length, "policy": policy, "budget": budget,
-            "nll_full": sum(f.nll_full for f in fid) / n, "nll_increase": sum(f.nll_increase for f in fid) / n,
-            "top1_agreement": sum(f.top1_agreement for f in fid) / n, "kl": sum(f.kl for f in fid) / n,
-            "needle": sum(hits) / len(hits), "needle_samples": len(hits),
-            "prefill_s": sum(f.prefill_s for f in fid) / n, "kv_mb": sum(f.kv_bytes for f in fid) / n / 2**20,
-        })
+        rows.append(policy_row(args.model, args.length, policy, budget, [asdict(f) for f in fid], hits))
         tqdm.write(json.dumps(rows[-1]))
         stem.parent.mkdir(parents=True, exist_ok=True)
         stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))

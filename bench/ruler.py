@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import sys
 import time
@@ -63,13 +64,10 @@ def main(argv: list[str] | None = None) -> None:
             for length in args.lengths for task in args.tasks for seed in range(args.samples)
             for policy, budget in [("full", None)] * ("full" in args.policies)
             + [(pol, b) for pol in args.policies if pol != "full" for b in args.budgets]]
-    prompts = {(length, task, seed): None for length in args.lengths for task in args.tasks
-               for seed in range(args.samples)}
 
+    @functools.cache
     def prompt(length: int, task: str, seed: int) -> Prompt:
-        if prompts[(length, task, seed)] is None:
-            prompts[(length, task, seed)] = TASKS[task].build(tok, length, seed)
-        return prompts[(length, task, seed)]
+        return TASKS[task].build(tok, length, seed)
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     with log.open("a") as out:
@@ -85,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
                                      result.kv_bytes, result.decode_ms, time.perf_counter() - start)) + "\n")
             out.flush()
         for length in args.lengths:  # kvpress side by side, on the same prompts
-            keys = [k for k in prompts if k[0] == length]
+            keys = [(length, task, seed) for task in args.tasks for seed in range(args.samples)]
             for press in tqdm(args.presses, desc=f"kvpress {args.model} {length}"):
                 policy = f"kvpress:{press}"
                 if all((args.model, *k[:2], policy, b, k[2]) in done for k in keys for b in args.budgets):

@@ -112,6 +112,24 @@ def policy_workload(tok: PreTrainedTokenizerBase, length: int, continuation: int
     return Workload(docs, length - continuation, needles)
 
 
+def policy_row(model: str, length: int, policy: str, budget: float | None, fidelity: list[dict],
+               hits: list[float]) -> dict:
+    """One row of the policy tables: ``fidelity`` per document (dicts with the fields of :class:`Fidelity`)
+    averaged, and the needle score averaged over ``hits``."""
+    n = len(fidelity)
+
+    def mean(key: str) -> float:
+        return sum(f[key] for f in fidelity) / n
+
+    return {
+        "model": model, "length": length, "policy": policy, "budget": budget,
+        "nll_full": mean("nll_full"), "nll_increase": mean("nll") - mean("nll_full"),
+        "top1_agreement": mean("top1_agreement"), "kl": mean("kl"),
+        "needle": sum(hits) / len(hits), "needle_samples": len(hits),
+        "prefill_s": mean("prefill_s"), "kv_mb": mean("kv_bytes") / 2**20,
+    }
+
+
 def workload_arguments(parser: argparse.ArgumentParser) -> None:
     """Command-line options shared by the policy benchmarks (model, lengths, budgets, samples)."""
     parser.add_argument("--model", default="smollm2-135m")

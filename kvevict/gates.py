@@ -87,17 +87,16 @@ class RetentionGates(nn.Module):
         nn.init.constant_(self.shared.bias, init_bias)
 
     def forward(self, hidden: torch.Tensor, layer_idx: int) -> torch.Tensor:
-        i = self.index[layer_idx]
-        x = F.silu(torch.addmm(self.b1[i], hidden.reshape(-1, hidden.shape[-1]).to(self.w1.dtype), self.w1[i]))
-        x = F.silu(torch.addmm(self.b2[i], x, self.w2[i]))
-        return F.logsigmoid(self.shared(x)).view(*hidden.shape[:-1], -1).transpose(1, 2)
+        return self.forward_layers([hidden], [layer_idx])[0]
 
     def forward_layers(self, hidden: list[torch.Tensor], layers: list[int]) -> list[torch.Tensor]:
         """``log beta`` ``[B, H, q]`` for each ``hidden`` ``[B, q, D]`` of the (same-shaped) ``layers``."""
-        w1, b1, w2, b2 = self.w1, self.b1, self.w2, self.b2
-        if list(layers) != list(self.index):  # a subset: gather its weights (all layers, in order, need no copy)
-            idx = torch.tensor([self.index[layer] for layer in layers], device=w1.device)
-            w1, b1, w2, b2 = w1[idx], b1[idx], w2[idx], b2[idx]
+        idx = [self.index[layer] for layer in layers]
+        if idx == list(range(idx[0], idx[0] + len(idx))):  # consecutive (one layer, or all): views, no copy
+            idx = slice(idx[0], idx[0] + len(idx))
+        else:
+            idx = torch.tensor(idx, device=self.w1.device)
+        w1, b1, w2, b2 = self.w1[idx], self.b1[idx], self.w2[idx], self.b2[idx]
         x = torch.stack(hidden).flatten(1, 2).to(w1.dtype)  # [L, B q, D]
         x = F.silu(torch.baddbmm(b1[:, None], x, w1))
         x = F.silu(torch.baddbmm(b2[:, None], x, w2))

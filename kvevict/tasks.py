@@ -218,9 +218,10 @@ def qa() -> Callable:
         room = length - len(intro)
         while True:  # a question whose passage fits
             gold, question, answers = rng.choice(records)
-            if len(encode(tok, gold)) < room // 2:
+            used = len(encode(tok, gold))
+            if used < room // 2:
                 break
-        docs, used = [gold], len(encode(tok, gold))
+        docs = [gold]
         for passage in rng.sample(passages, len(passages)):
             if room - used - 8 * len(docs) < 64:
                 break  # full: a header costs at most 8 tokens
