@@ -10,13 +10,19 @@ one forward pass under the press; the question / continuation follows without co
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import time
+from pathlib import Path
 
 import kvpress
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+_spec = importlib.util.spec_from_file_location("rss", Path(__file__).resolve().parent.parent / "kvevict" / "rss.py")
+rss = importlib.util.module_from_spec(_spec)  # standard library only; kvevict itself is not installed here
+_spec.loader.exec_module(rss)
 
 
 def held_bytes(cache) -> int:
@@ -83,6 +89,17 @@ def fidelity(model, ids: torch.Tensor, prefix: int, ref: torch.Tensor, press) ->
     }
 
 
+def answer(model, tok, prompt: dict, press, max_new_tokens: int, eos: set[int]) -> dict:
+    """Compress the context with ``press``, answer the question greedily; the text and its costs."""
+    context = torch.tensor([prompt["context"]])
+    rss.reset_peak_rss()
+    start = time.perf_counter()
+    cache, seconds, held = compressed(model, context, press)
+    tokens, decode_ms = greedy(model, cache, torch.tensor([prompt["question"]]), context.shape[1], max_new_tokens, eos)
+    return {"text": tok.decode(tokens, skip_special_tokens=True), "prefill_s": seconds, "kv_bytes": held,
+            "decode_ms": decode_ms, "seconds": time.perf_counter() - start, "peak_rss_mb": rss.peak_rss_mb()}
+
+
 def main(job_path: str, out_path: str) -> None:
     job = json.loads(open(job_path).read())
     torch.set_num_threads(job["threads"])
@@ -101,16 +118,13 @@ def main(job_path: str, out_path: str) -> None:
     for name in job["presses"]:
         for budget in job["budgets"]:
             press = make_press(name, 1.0 - budget)
-            fid = [fidelity(model, ids, prefix, ref, press) for (ids, prefix), ref in zip(docs, refs)]
-            answers = []
-            for prompt in job["prompts"]:
-                context = torch.tensor([prompt["context"]])
-                start = time.perf_counter()
-                cache, seconds, held = compressed(model, context, press)
-                tokens, decode_ms = greedy(model, cache, torch.tensor([prompt["question"]]), context.shape[1],
-                                           job["max_new_tokens"], eos)
-                answers.append({"text": tok.decode(tokens, skip_special_tokens=True), "prefill_s": seconds,
-                                "kv_bytes": held, "decode_ms": decode_ms, "seconds": time.perf_counter() - start})
+            try:
+                fid = [fidelity(model, ids, prefix, ref, press) for (ids, prefix), ref in zip(docs, refs)]
+                answers = [answer(model, tok, prompt, press, job["max_new_tokens"], eos) for prompt in job["prompts"]]
+            except Exception as e:  # a press that fails on this model is reported, not fatal to the others
+                rows.append({"press": name, "budget": budget, "error": f"{type(e).__name__}: {e}"})
+                print(json.dumps(rows[-1]), flush=True)
+                continue
             rows.append({"press": name, "budget": budget, "fidelity": fid, "answers": answers})
             print(json.dumps({"press": name, "budget": budget}), flush=True)
     open(out_path, "w").write(json.dumps(rows))

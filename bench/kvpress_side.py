@@ -47,7 +47,8 @@ def run_presses(model_name: str, model: PreTrainedModel, presses: list[str], bud
                 threads: int) -> list[dict]:
     """Run each press x budget in kvpress's environment. Returns one dict per press and budget:
     ``press``, ``budget``, ``fidelity`` (per document: nll_full, nll, top1_agreement, kl, prefill_s, kv_bytes) and
-    ``answers`` (per prompt: text, prefill_s, kv_bytes, decode_ms, seconds)."""
+    ``answers`` (per prompt: text, prefill_s, kv_bytes, decode_ms, seconds, peak_rss_mb); or, for a press that
+    failed on this model, ``press``, ``budget`` and ``error``."""
     eos = model.generation_config.eos_token_id
     job = {
         "presses": presses, "budgets": budgets, "threads": threads, "max_new_tokens": max_new_tokens,
@@ -71,11 +72,15 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     model, tok = load_model(args.model)  # also makes sure the fp32 copy exists
     work = policy_workload(tok, args.length, args.continuation, args.documents, args.depths)
+    runs = run_presses(args.model, model, args.presses, args.budgets, work.documents, work.prefix, work.needles, 16,
+                       args.threads)
+    for run in runs:
+        if "error" in run:
+            print(f"kvpress:{run['press']} at {run['budget']:.0%} failed: {run['error']}", file=sys.stderr)
     new = [
         policy_row(args.model, args.length, f"kvpress:{run['press']}", run["budget"], run["fidelity"],
                    [score_answer(a["text"], p.answers) for a, p in zip(run["answers"], work.needles)])
-        for run in run_presses(args.model, model, args.presses, args.budgets, work.documents, work.prefix,
-                               work.needles, 16, args.threads)
+        for run in runs if "error" not in run
     ]
     results = ROOT / "bench" / "results" / f"policies_{args.model}_{args.length}.json"
     rows = json.loads(results.read_text()) if results.exists() else []

@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
             start = time.perf_counter()
             result = answer(model, tok, prompt(length, task, seed), cache, args.chunk, args.max_new_tokens)
             out.write(json.dumps(row(key, prompt(length, task, seed), result.text, result.prefill_s,
-                                     result.kv_bytes, result.decode_ms, time.perf_counter() - start)) + "\n")
+                                     result.kv_bytes, result.decode_ms, result.peak_rss_mb,
+                                     time.perf_counter() - start)) + "\n")
             out.flush()
         for length in args.lengths:  # kvpress side by side, on the same prompts
             keys = [(length, task, seed) for task in args.tasks for seed in range(args.samples)]
@@ -90,33 +91,43 @@ def main(argv: list[str] | None = None) -> None:
                     continue
                 for run in run_presses(args.model, model, [press], args.budgets, [], 0, [prompt(*k) for k in keys],
                                        args.max_new_tokens, args.threads):
-                    for (_, task, seed), a in zip(keys, run["answers"]):
+                    for (_, task, seed), a in zip(keys, run.get("answers") or [{"error": run.get("error")}] * len(keys)):
                         key = [args.model, length, task, policy, run["budget"], seed]
+                        if "error" in a:  # recorded (not retried), listed apart in the summary
+                            out.write(json.dumps({"key": key, "model": args.model, "length": length, "task": task,
+                                                  "policy": policy, "budget": run["budget"], "seed": seed,
+                                                  "error": a["error"], "elapsed_s": 0.0}) + "\n")
+                            continue
                         out.write(json.dumps(row(key, prompt(length, task, seed), a["text"], a["prefill_s"],
-                                                 a["kv_bytes"], a["decode_ms"], a["seconds"])) + "\n")
+                                                 a["kv_bytes"], a["decode_ms"], a["peak_rss_mb"], a["seconds"]))
+                                  + "\n")
                 out.flush()
     summarize(log, args.model, args.samples)
 
 
 def row(key: list, prompt: Prompt, text: str, prefill_s: float, kv_bytes: int, decode_ms: float,
-        elapsed_s: float) -> dict:
-    """One result line: the run's key, its score and costs (``elapsed_s``: the whole run)."""
+        peak_rss_mb: float | None, elapsed_s: float) -> dict:
+    """One result line: the run's key, its score and costs (``elapsed_s``: the whole run; peak RSS of the
+    process during the run, model weights included)."""
     model, length, task, policy, budget, seed = key
     return {"key": key, "model": model, "length": length, "task": task, "policy": policy, "budget": budget,
             "seed": seed, "score": score_answer(text, prompt.answers), "output": text, "answers": list(prompt.answers),
             "prefill_s": round(prefill_s, 3), "kv_mb": round(kv_bytes / 2**20, 2), "decode_ms": round(decode_ms, 1),
-            "elapsed_s": round(elapsed_s, 2)}
+            "peak_rss_mb": None if peak_rss_mb is None else round(peak_rss_mb), "elapsed_s": round(elapsed_s, 2)}
 
 
 def summarize(log: Path, model: str, samples: int) -> None:
     """Mean score and costs per (length, task, policy, budget) over the first ``samples`` seeds:
     markdown, CSV and a plot."""
     records = [r for r in map(json.loads, log.read_text().splitlines()) if r["seed"] < samples]
+    failed = sorted({(r["length"], r["policy"], r["budget"], r["error"]) for r in records if "error" in r},
+                    key=lambda f: (f[0], order(f[1], f[2])))
+    records = [r for r in records if "error" not in r]
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
         groups[(r["length"], r["task"], r["policy"], r["budget"])].append(r)
     rows = [{"length": k[0], "task": k[1], "policy": k[2], "budget": k[3], "n": len(v),
-             **{m: sum(r[m] for r in v) / len(v) for m in ("score", "kv_mb", "prefill_s", "decode_ms")}}
+             **{m: average([r.get(m) for r in v]) for m in METRICS}}
             for k, v in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], order(kv[0][2], kv[0][3])))]
     stem = RESULTS / f"ruler_{model}"
     with stem.with_suffix(".csv").open("w", newline="") as f:
@@ -126,25 +137,39 @@ def summarize(log: Path, model: str, samples: int) -> None:
     minutes = sum(r["elapsed_s"] for r in records) / 60
     lines = [f"# Long-context tasks on {model} (query-agnostic)", "",
              "Mean score (RULER substring match) over n samples per task. Costs: KV MB held after the context, "
-             "its prefill time, decode ms per answer token (question included), averaged over the tasks. "
+             "its prefill time, decode ms per answer token (question included) and the process's peak RSS during "
+             "the run (model weights included; '-' for rows recorded before it was measured), averaged over the tasks. "
              f"Compute: {minutes:.1f} min on a 2-core CPU, summed over the {len(records)} runs in this table.", ""]
     lines += overview(rows)
     for length in sorted({r["length"] for r in rows}):
         tasks = sorted({r["task"] for r in rows if r["length"] == length})
         configs = sorted({(r["policy"], r["budget"]) for r in rows if r["length"] == length}, key=lambda c: order(*c))
         lines += [f"## {length} tokens", "", "| policy | budget | " + " | ".join(tasks) + " | mean | KV MB | prefill s "
-                  "| decode ms |", "|---|---|" + "---|" * (len(tasks) + 4)]
+                  "| decode ms | peak RSS MB |", "|---|---|" + "---|" * (len(tasks) + 5)]
         for policy, budget in configs:
             cells = {r["task"]: r for r in rows if (r["length"], r["policy"], r["budget"]) == (length, policy, budget)}
-            mean = {m: sum(c[m] for c in cells.values()) / len(cells) for m in ("score", "kv_mb", "prefill_s", "decode_ms")}
+            mean = {m: average([c[m] for c in cells.values()]) for m in METRICS}
+            rss = "-" if mean["peak_rss_mb"] is None else f"{mean['peak_rss_mb']:.0f}"
             lines.append(f"| {policy} | {'-' if budget is None else f'{budget:.0%}'} | "
                          + " | ".join(f"{cells[t]['score']:.2f} (n={cells[t]['n']})" if t in cells else "-" for t in tasks)
                          + f" | **{mean['score']:.2f}** | {mean['kv_mb']:.1f} | {mean['prefill_s']:.2f} | "
-                         f"{mean['decode_ms']:.1f} |")
+                         f"{mean['decode_ms']:.1f} | {rss} |")
+        lines.append("")
+    if failed:
+        lines += ["## Failed runs", "", "| length | policy | budget | error |", "|---|---|---|---|"]
+        lines += [f"| {length} | {policy} | {budget:.0%} | {error[:200].replace('|', '/')} |" for length, policy, budget, error in failed]
         lines.append("")
     stem.with_suffix(".md").write_text("\n".join(lines))
     plot(rows, stem.with_suffix(".png"))
     print(stem.with_suffix(".md").read_text())
+
+
+METRICS = ("score", "kv_mb", "prefill_s", "decode_ms", "peak_rss_mb")
+
+
+def average(values: list[float | None]) -> float | None:
+    """The mean, or ``None`` if any value is missing (a metric older rows did not record)."""
+    return None if any(v is None for v in values) else sum(values) / len(values)
 
 
 def overview(rows: list[dict]) -> list[str]:

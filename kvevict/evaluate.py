@@ -18,6 +18,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from .cache import EvictionCache
 from .data import essays_text
+from .rss import peak_rss_mb, reset_peak_rss
 
 PLACEHOLDER = "@@CONTENT@@"
 
@@ -169,11 +170,13 @@ class Answer:
     prefill_s: float  # compressing the context
     kv_bytes: int  # held after compressing the context
     decode_ms: float  # per generated token (question prefill included)
+    peak_rss_mb: float | None  # the process's peak resident memory during this answer (model weights included)
 
 
 def answer(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt: Prompt, cache, chunk: int = 512,
            max_new_tokens: int = 16) -> Answer:
     """Query-agnostic answer: compress the context, then append the question with eviction paused."""
+    reset_peak_rss()
     start = time.perf_counter()
     prefill(model, prompt.context, cache, chunk)
     seconds = time.perf_counter() - start
@@ -186,7 +189,7 @@ def answer(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt: Prompt,
                          max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id or tok.eos_token_id)
     new = out[0, ids.shape[1]:]
     decode_ms = 1000 * (time.perf_counter() - start) / max(len(new), 1)
-    return Answer(tok.decode(new, skip_special_tokens=True), seconds, held, decode_ms)
+    return Answer(tok.decode(new, skip_special_tokens=True), seconds, held, decode_ms, peak_rss_mb())
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -9,6 +11,7 @@ from transformers import DynamicCache
 from kvevict import EvictionCache
 from kvevict.evaluate import fidelity, needle_prompt, score_answer
 from kvevict.models import load_model
+from kvevict.rss import peak_rss_mb, reset_peak_rss
 from conftest import prompt
 
 pytestmark = pytest.mark.integration
@@ -48,3 +51,16 @@ def test_fidelity_of_full_and_evicting_cache(llama):
     assert same.nll_increase == pytest.approx(0.0, abs=1e-9) and same.top1_agreement == 1.0 and same.kl < 1e-9
     lossy = fidelity(llama, ids, 90, lambda: EvictionCache(llama, "streaming", budget=12, sinks=2, recent=4), chunk=32)
     assert lossy.kl > 0 and lossy.kv_bytes < same.kv_bytes
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS reset needs Linux /proc")
+def test_peak_rss_resets_between_runs():
+    reset_peak_rss()
+    before = peak_rss_mb()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    during = peak_rss_mb()
+    del block
+    reset_peak_rss()
+    after = peak_rss_mb()
+    assert during - before > 50
+    assert after < during - 50
