@@ -25,6 +25,7 @@ from transformers.masking_utils import AttentionMaskInterface, causal_mask_funct
 
 if TYPE_CHECKING:
     from .cache import EvictingLayer
+    from .storage import HeadwiseKV
 
 ATTN_IMPLEMENTATION = "kvevict"
 
@@ -131,30 +132,30 @@ def kvevict_attention(
             and plain_causal and layer.sliding_window is None):
         out = attend_varlen(query, key, value, positions, scaling, FLASH_VARLEN)
     else:
-        mask, is_causal = build_mask(positions, query.shape[2], layer.seen, attention_mask, layer.sliding_window,
-                                     layer.kv.has_holes)
+        mask, is_causal = build_mask(layer.kv, query.shape[2], layer.seen, attention_mask, layer.sliding_window)
         out = attend(query, key, value, mask, scaling, is_causal)
     layer.after_attention(query, attention_mask, module, module.scaling if scaling is None else scaling)
     return out, None
 
 
 def build_mask(
-    positions: torch.Tensor,
+    kv: HeadwiseKV,
     q_length: int,
     seen: int,
     info: KVMask | None,
     window: int | None,
-    has_holes: bool,
 ) -> tuple[torch.Tensor | None, bool]:
-    """Boolean mask for queries at logical positions ``seen - q_length .. seen - 1``.
+    """Mask of the entries of ``kv`` for queries at logical positions ``seen - q_length .. seen - 1``.
 
-    Returns ``(mask, is_causal)``: ``mask`` is ``None``, head-shared ``[1, 1, q, S]`` or per head
-    ``[B, H, q, S]``; ``is_causal`` means plain causal attention over contiguous entries.
+    Returns ``(mask, is_causal)``: ``mask`` is ``None``, head-shared ``[1, 1, q, S]`` bool or per head
+    ``[B, H, q, S]`` (when decoding: the storage's additive bias, ``[B, H, 1, S]``); ``is_causal`` means
+    plain causal attention over contiguous entries.
     """
+    positions = kv.positions
     causal = info is None or (info.is_causal and info.padding is None)
     if causal and q_length == 1 and window is None:  # decoding: every stored entry is in the past
-        return ((positions >= 0)[:, :, None, :] if has_holes else None), False
-    plain = causal and not has_holes
+        return (kv.bias[:, :, None, :] if kv.has_holes else None), False
+    plain = causal and not kv.has_holes
     q_pos = torch.arange(seen - q_length, seen, device=positions.device)
     if plain and _same_everywhere(positions):
         row = positions[0, 0]
@@ -198,19 +199,22 @@ def attend(
     is_causal: bool = False,
 ) -> torch.Tensor:
     """SDPA with grouped-query heads. query ``[B, Hq, q, D]``, key/value ``[B, H, S, ·]``,
-    mask ``None``/``[1|B, 1, q, S]``/``[B, H, q, S]`` bool. Returns ``[B, q, Hq, Dv]``."""
+    mask ``None``/``[1|B, 1, q, S]``/``[B, H, q, S]`` (bool, or additive in the queries' dtype).
+    Returns ``[B, q, Hq, Dv]``."""
     b, hq, q, d = query.shape
     h = key.shape[1]
     groups = hq // h
-    if mask is None or mask.shape[1] == 1:
+    if q > 1 and (mask is None or mask.shape[1] == 1):
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling, enable_gqa=groups > 1
         )
         return out.transpose(1, 2).contiguous()
-    # Per-KV-head mask: fold each group's query heads into the query axis of its KV head.
+    # Fold each group's query heads into the query axis of its KV head (per-head masks; and for a
+    # single query, faster on CPU than SDPA's own grouped-query path).
     grouped = query.reshape(b, h, groups * q, d)
-    grouped_mask = mask[:, :, None].expand(-1, -1, groups, -1, -1).reshape(b, h, groups * q, mask.shape[-1])
-    out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=grouped_mask, scale=scaling)
+    if mask is not None and q > 1:
+        mask = mask[:, :, None].expand(-1, mask.shape[1], groups, -1, -1).reshape(b, -1, groups * q, mask.shape[-1])
+    out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scaling)
     return out.view(b, hq, q, -1).transpose(1, 2).contiguous()
 
 

@@ -120,7 +120,7 @@ class EvictingLayer(CacheLayerMixin):
     # --- transformers layer contract -------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.kv = HeadwiseKV.empty(key_states, value_states)
+        self.kv = HeadwiseKV.empty(key_states, value_states, reserve=self.slack)  # room until the next eviction
         b = key_states.shape[0]
         self.real = torch.zeros(b, dtype=torch.long, device=self.device)
         self.sink_end = torch.zeros(b, dtype=torch.long, device=self.device)
@@ -282,7 +282,7 @@ class EvictingLayer(CacheLayerMixin):
             is_real = torch.ones(new.shape[0], q, dtype=torch.bool, device=self.device)
         else:
             is_real = padding.to(self.device)[:, self.seen - q : self.seen]  # [B, q]
-            self.kv.positions[..., -q:] = torch.where(is_real[:, None, :], new, -1)
+            self.kv.clear(~is_real[:, None, :].expand_as(new))
         rank = self.real[:, None] + is_real.long().cumsum(-1) - 1
         sink = is_real & (rank < self.protection.sinks)
         ends = torch.where(sink, new[:, 0, :] + 1, 0).amax(-1)
@@ -364,21 +364,21 @@ class EvictingLayer(CacheLayerMixin):
 
     # --- helpers ----------------------------------------------------------------------------------
     def _check_compatible(self, key_states: torch.Tensor) -> None:
-        kv = self.kv
-        if key_states.dtype != kv.keys.dtype or key_states.device != kv.keys.device:
+        held = self.kv.buffers["keys"]
+        if key_states.dtype != held.dtype or key_states.device != held.device:
             raise ValueError(
                 f"layer {self.layer_idx}: new keys are {key_states.dtype} on {key_states.device} but the cache holds "
-                f"{kv.keys.dtype} on {kv.keys.device}"
+                f"{held.dtype} on {held.device}"
             )
-        if key_states.shape[0] != kv.keys.shape[0]:
+        if key_states.shape[0] != held.shape[0]:
             raise ValueError(
-                f"this cache holds a batch of {kv.keys.shape[0]} rows but got {key_states.shape[0]}; "
+                f"this cache holds a batch of {held.shape[0]} rows but got {key_states.shape[0]}; "
                 "use a new EvictionCache (or cache.reset()) for a different batch"
             )
-        if key_states.shape[1] != kv.keys.shape[1] or key_states.shape[-1] != kv.keys.shape[-1]:
+        if key_states.shape[1] != held.shape[1] or key_states.shape[-1] != held.shape[-1]:
             raise ValueError(
                 f"layer {self.layer_idx}: keys of shape {tuple(key_states.shape)} do not match the cache's "
-                f"{kv.keys.shape[1]} heads x {kv.keys.shape[-1]} dims; was the cache built for another model?"
+                f"{held.shape[1]} heads x {held.shape[-1]} dims; was the cache built for another model?"
             )
 
     def _select_rows(self, index: torch.Tensor) -> None:

@@ -62,11 +62,19 @@ class Allocator:
 def topk_per_head(ranked: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
     """Keep mask ``[B, H, S]``: per (row, head) the ``budget`` (``[B]`` or ``[B, H]``) best slots of
     ``ranked`` that are not ``-inf``."""
-    budget = budget.to(ranked.device)
-    k = min(int(budget.max()), ranked.shape[-1]) if budget.numel() else 0
-    values, index = ranked.topk(k, dim=-1)
-    within = torch.arange(k, device=ranked.device) < budget.reshape(budget.shape[0], -1, 1)
-    return torch.zeros_like(ranked, dtype=torch.bool).scatter(-1, index, within & (values > -torch.inf))
+    budget = budget.to(ranked.device).reshape(budget.shape[0], -1, 1)
+    slots = ranked.shape[-1]
+    k = min(int(budget.max()), slots) if budget.numel() else 0
+    if 2 * k <= slots:
+        values, index = ranked.topk(k, dim=-1)
+        within = torch.arange(k, device=ranked.device) < budget
+        return torch.zeros_like(ranked, dtype=torch.bool).scatter(-1, index, within & (values > -torch.inf))
+    # Most slots stay: finding the few to drop (the lowest) is cheaper than ranking the kept ones.
+    drop = slots - min(int(budget.min()), slots)
+    _, index = ranked.topk(drop, dim=-1, largest=False)
+    dropped = torch.arange(drop, device=ranked.device) < slots - budget
+    keep = torch.ones_like(ranked, dtype=torch.bool).scatter(-1, index, ~dropped.expand(index.shape))
+    return keep & (ranked > -torch.inf)
 
 
 class Uniform(Allocator):

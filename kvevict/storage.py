@@ -1,40 +1,110 @@
 """Physical KV storage for one layer: per-(row, KV head) variable numbers of entries.
 
 Entries live in dense tensors padded to the longest (row, head) of the layer; every slot carries the
-logical position of the token it came from (``-1`` marks an empty slot). Compaction allocates new
-tensors of the kept length, so evicted entries really release their memory.
+logical position of the token it came from (``-1`` marks an empty slot) and an additive attention
+bias (``0``, or ``-inf`` for an empty slot). The tensors are buffers with room to grow: appending
+writes in place and reallocates only when the room is used up (then with ``reserve`` spare slots, so
+decoding does not copy the cache at every step). Compaction allocates buffers of exactly the kept
+length, so evicted entries really release their memory.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, MutableMapping
+
 import torch
 
 
-class HeadwiseKV:
-    """Keys, values and positions of one layer.
+class SlotState(MutableMapping):
+    """Per-slot scorer state (``name -> [B, H, S, ...]``) stored beside the entries and moved with them.
 
-    Shapes: ``keys`` ``[B, H, S, D]``, ``values`` ``[B, H, S, Dv]``, ``positions`` ``[B, H, S]`` (int64).
-    Slots are kept in chronological order along ``S``; ``extra`` holds per-slot tensors
-    ``[B, H, S, ...]`` owned by a scorer (e.g. accumulated attention), gathered with the entries.
+    Reading gives a view of the used slots (update it in place, or assign a full-length tensor); the
+    slots of new entries start at zero.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
-        self.keys, self.values, self.positions = keys, values, positions
-        self.extra: dict[str, torch.Tensor] = {}
+    def __init__(self, kv: "HeadwiseKV") -> None:
+        self._kv = kv
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.buffers[name][:, :, : self._kv.length]
+
+    def __setitem__(self, name: str, value: torch.Tensor) -> None:
+        buffer = self.buffers.get(name)
+        if buffer is not None and value.data_ptr() == buffer.data_ptr() and value.shape[2] == self._kv.length:
+            return  # an in-place update of the view (``state[name] += x``)
+        want = tuple(self._kv.positions.shape)
+        if tuple(value.shape[:3]) != want:
+            raise ValueError(f"slot state {name!r} must be [B, H, S, ...] = {want}, got {tuple(value.shape)}")
+        buffer = value.new_zeros(*want[:2], self._kv.capacity, *value.shape[3:])
+        buffer[:, :, : want[2]] = value
+        self.buffers[name] = buffer
+
+    def __delitem__(self, name: str) -> None:
+        del self.buffers[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.buffers)
+
+    def __len__(self) -> int:
+        return len(self.buffers)
+
+
+class HeadwiseKV:
+    """Keys, values, positions and attention bias of one layer.
+
+    Views of the used slots: ``keys`` ``[B, H, S, D]``, ``values`` ``[B, H, S, Dv]``, ``positions``
+    ``[B, H, S]`` (int64), ``bias`` ``[B, H, S]`` (keys' dtype). Slots are kept in chronological order
+    along ``S``; ``extra`` (a :class:`SlotState`) holds per-slot tensors owned by a scorer (e.g.
+    accumulated attention), gathered with the entries.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, reserve: int = 0) -> None:
+        self.buffers = {"keys": keys, "values": values, "positions": positions,
+                        "bias": _bias(positions, keys.dtype)}
+        self.length = positions.shape[-1]  # used slots per (row, head), holes included
+        self.reserve = reserve
+        self.extra = SlotState(self)
         self.has_holes = False
 
     @classmethod
-    def empty(cls, like_keys: torch.Tensor, like_values: torch.Tensor) -> "HeadwiseKV":
+    def empty(cls, like_keys: torch.Tensor, like_values: torch.Tensor, reserve: int = 0) -> "HeadwiseKV":
         b, h, _, d = like_keys.shape
         dv = like_values.shape[-1]
         kw = dict(dtype=like_keys.dtype, device=like_keys.device)
         pos = torch.empty(b, h, 0, dtype=torch.long, device=like_keys.device)
-        return cls(torch.empty(b, h, 0, d, **kw), torch.empty(b, h, 0, dv, **kw), pos)
+        return cls(torch.empty(b, h, 0, d, **kw), torch.empty(b, h, 0, dv, **kw), pos, reserve)
+
+    # --- views of the used slots ------------------------------------------------------------------
+    @property
+    def keys(self) -> torch.Tensor:
+        return self.buffers["keys"][:, :, : self.length]
+
+    @keys.setter
+    def keys(self, value: torch.Tensor) -> None:  # offload / prefetch move the tensors
+        self._replace("keys", value)
 
     @property
-    def length(self) -> int:
-        """Stored slots per (row, head), holes included."""
-        return self.keys.shape[-2]
+    def values(self) -> torch.Tensor:
+        return self.buffers["values"][:, :, : self.length]
+
+    @values.setter
+    def values(self, value: torch.Tensor) -> None:
+        self._replace("values", value)
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self.buffers["positions"][:, :, : self.length]
+
+    @property
+    def bias(self) -> torch.Tensor:
+        """``[B, H, S]`` additive attention bias: ``0`` for an entry, ``-inf`` for an empty slot."""
+        return self.buffers["bias"][:, :, : self.length]
+
+    @property
+    def capacity(self) -> int:
+        """Allocated slots per (row, head)."""
+        return self.buffers["positions"].shape[-1]
 
     def valid(self) -> torch.Tensor:
         """``[B, H, S]`` bool: slots holding an entry."""
@@ -45,45 +115,86 @@ class HeadwiseKV:
         return self.valid().sum(-1)
 
     def nbytes(self) -> int:
-        """Bytes held by the entries' tensors (keys, values, positions and scorer state)."""
-        tensors = [self.keys, self.values, self.positions, *self.extra.values()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        """Bytes allocated for the entries (keys, values, positions, bias and scorer state), spare room included."""
+        return sum(t.numel() * t.element_size() for t in self._all().values())
 
+    # --- changes ----------------------------------------------------------------------------------
     def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         """Append ``q`` new slots (``[B, H, q, ·]``, positions ``[B, H, q]``); scorer state gets zeros."""
-        q = keys.shape[-2]
-        self.keys = torch.cat([self.keys, keys], dim=-2)
-        self.values = torch.cat([self.values, values], dim=-2)
-        self.positions = torch.cat([self.positions, positions], dim=-1)
-        for name, t in self.extra.items():
-            pad = t.new_zeros(*t.shape[:2], q, *t.shape[3:])
-            self.extra[name] = torch.cat([t, pad], dim=2)
+        q, end = keys.shape[-2], self.length + keys.shape[-2]
+        frozen = self.buffers["keys"].is_inference() and not torch.is_inference_mode_enabled()
+        if end > self.capacity or frozen:  # buffers made under inference_mode cannot be written outside it
+            self._resize(end + self.reserve)
+        new = slice(self.length, end)
+        self.buffers["keys"][:, :, new] = keys
+        self.buffers["values"][:, :, new] = values
+        self.buffers["positions"][:, :, new] = positions
+        self.buffers["bias"][:, :, new] = 0
+        for t in self.extra.buffers.values():
+            t[:, :, new] = 0
+        self.length = end
+
+    def clear(self, empty: torch.Tensor) -> None:
+        """Mark the last ``q`` slots empty where ``empty`` (``[B, H, q]`` bool) is set (e.g. pads)."""
+        last = slice(self.length - empty.shape[-1], self.length)
+        self.buffers["positions"][:, :, last].masked_fill_(empty, -1)
+        self.buffers["bias"][:, :, last].masked_fill_(empty, -torch.inf)
+        self.has_holes = self.has_holes or bool(empty.any())
 
     def compact(self, keep: torch.Tensor) -> int:
         """Keep the slots where ``keep`` (``[B, H, S]`` bool) is set, in their order; return entries dropped.
 
         The result has length ``max(keep.sum(-1))``; shorter (row, head)s get empty slots at the end.
         """
-        keep = keep & self.valid()
+        valid = self.valid()
+        keep = keep & valid
         counts = keep.sum(-1)
         new_len = int(counts.max()) if counts.numel() else 0
-        dropped = int(self.valid().sum() - counts.sum())
+        dropped = int(valid.sum() - counts.sum())
         # Stable sort of "not kept" puts the kept slots first, in chronological order.
         order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[..., :new_len]
         kept = torch.gather(keep, -1, order)
-        self.positions = torch.where(kept, torch.gather(self.positions, -1, order), -1)
-        self.keys = _gather_slots(self.keys, order)
-        self.values = _gather_slots(self.values, order)
-        self.extra = {name: _gather_slots(t, order) for name, t in self.extra.items()}
+        used = self._used()
+        gathered = {name: _gather_slots(t, order) for name, t in used.items()}
+        gathered["positions"] = torch.where(kept, gathered["positions"], -1)
+        gathered["bias"] = _bias(gathered["positions"], gathered["keys"].dtype)
+        self._set(gathered, new_len)
         self.has_holes = bool((counts != new_len).any())
         return dropped
 
     def select_rows(self, index: torch.Tensor) -> None:
         """Reorder / repeat / select the batch rows by ``index`` (``[B']``)."""
-        self.keys = self.keys.index_select(0, index.to(self.keys.device))
-        self.values = self.values.index_select(0, index.to(self.keys.device))
-        self.positions = self.positions.index_select(0, index.to(self.keys.device))
-        self.extra = {k: t.index_select(0, index.to(t.device)) for k, t in self.extra.items()}
+        index = index.to(self.buffers["keys"].device)
+        self._set({name: t.index_select(0, index) for name, t in self._used().items()}, self.length)
+
+    # --- buffers ----------------------------------------------------------------------------------
+    def _all(self) -> dict[str, torch.Tensor]:
+        return {**self.buffers, **{f"extra.{k}": t for k, t in self.extra.buffers.items()}}
+
+    def _used(self) -> dict[str, torch.Tensor]:
+        return {name: t[:, :, : self.length] for name, t in self._all().items()}
+
+    def _set(self, tensors: dict[str, torch.Tensor], length: int) -> None:
+        """Install full buffers ``name -> [B, H, capacity, ...]`` holding ``length`` used slots."""
+        self.buffers = {k: tensors[k] for k in ("keys", "values", "positions", "bias")}
+        self.extra.buffers = {k[len("extra."):]: t for k, t in tensors.items() if k.startswith("extra.")}
+        self.length = length
+
+    def _resize(self, capacity: int) -> None:
+        """Move the used slots into new buffers of ``capacity`` slots."""
+        grown = {}
+        for name, t in self._used().items():
+            grown[name] = t.new_empty(*t.shape[:2], capacity, *t.shape[3:])
+            grown[name][:, :, : self.length] = t
+        self._set(grown, self.length)
+
+    def _replace(self, name: str, value: torch.Tensor) -> None:
+        """Swap in a tensor of the used slots (moved elsewhere by offloading); the room to grow is dropped."""
+        self._set({**self._used(), name: value}, self.length)
+
+
+def _bias(positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(positions.shape, dtype=dtype, device=positions.device).masked_fill_(positions < 0, -torch.inf)
 
 
 def _gather_slots(t: torch.Tensor, order: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ def test_varlen_packing_matches_masked_sdpa(llama):
         new_k, new_v = torch.randn(b, h, q, d, generator=g, dtype=torch.float64), torch.randn(b, h, q, d, generator=g, dtype=torch.float64)
         keys, values = layer.update(new_k, new_v)
         query = torch.randn(b, 2 * h, q, d, generator=g, dtype=torch.float64)
-        mask, is_causal = build_mask(layer.kv.positions, q, layer.seen, None, None, layer.kv.has_holes)
+        mask, is_causal = build_mask(layer.kv, q, layer.seen, None, None)
         expected = attend(query, keys, values, mask, 0.25, is_causal)
         got = attend_varlen(query, keys, values, layer.kv.positions, 0.25, reference_varlen)
         assert torch.allclose(got, expected, atol=1e-10)

@@ -48,7 +48,7 @@ def test_bytes_held_follow_entries(llama):
     stats = cache.stats()
     cfg = llama.config
     head_dim = cfg.hidden_size // cfg.num_attention_heads
-    per_entry = 2 * head_dim * 8 + 8  # float64 key + value, int64 position
+    per_entry = 2 * head_dim * 8 + 8 + 8  # float64 key + value, int64 position, float64 attention bias
     assert stats["entries_total"] == cfg.num_hidden_layers * cfg.num_key_value_heads * 20
     assert stats["bytes"] == stats["entries_total"] * per_entry
     # the tensors themselves are that small: memory is really released

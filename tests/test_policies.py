@@ -8,7 +8,7 @@ import torch
 from kvevict import EvictionCache, Policy
 from kvevict.policy import resolve_policy
 from kvevict.scoring import SCORERS, Scorer, ScoreInputs
-from kvevict.selection import AdaKV, Global, Pyramid, Threshold, Uniform
+from kvevict.selection import AdaKV, Global, Pyramid, Threshold, Uniform, topk_per_head
 from conftest import prompt, tiny_gemma3, tiny_llama
 
 SCORER_NAMES = sorted(SCORERS) + ["critical-snapkv"]
@@ -206,3 +206,18 @@ def test_criticalkv_needs_nonnegative_scores():
     with pytest.raises(ValueError, match="non-negative"):
         resolve_policy("critical-knorm")
     assert resolve_policy("critical-h2o").scorer.observes
+
+
+@pytest.mark.parametrize("share", [0.2, 0.9])  # few kept (rank the kept) / most kept (rank the dropped)
+def test_topk_per_head_keeps_the_best_within_budget(share):
+    g = torch.Generator().manual_seed(0)
+    ranked = torch.randn(2, 3, 40, generator=g)
+    ranked[torch.rand(2, 3, 40, generator=g) < 0.2] = -torch.inf  # empty slots: never kept
+    ranked[torch.rand(2, 3, 40, generator=g) < 0.1] = torch.inf  # protected: kept first
+    budget = torch.tensor([[int(40 * share), int(40 * share) - 3, 40], [int(40 * share) + 2, 1, 0]])
+    keep = topk_per_head(ranked, budget)
+    valid = ranked > -torch.inf
+    assert torch.equal(keep.sum(-1), torch.minimum(budget, valid.sum(-1)))
+    assert not bool((keep & ~valid).any())
+    for kept, rest in zip(ranked.where(keep, torch.inf).flatten(0, 1), ranked.where(~keep & valid, -torch.inf).flatten(0, 1)):
+        assert kept.min() >= rest.max()  # nothing left out beats anything kept

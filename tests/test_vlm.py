@@ -109,7 +109,7 @@ def test_bytes_follow_the_budget(name):
     inputs = make_inputs(4, 8)
     text = model.config.get_text_config()
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    per_entry = 2 * head_dim * 4 + 8  # float32 key + value, int64 position
+    per_entry = 2 * head_dim * 4 + 8 + 4  # float32 key + value, int64 position, float32 attention bias
     stats = {}
     for budget in (16, 32):
         cache = EvictionCache(model, "dart", budget=budget, slack=0, **KW).prepare(inputs)
