@@ -181,6 +181,8 @@ def build_mask(
         mask &= padding[b_idx, kv_idx]
     if window is not None and info is None:  # transformers' sliding rules carry the window themselves
         mask &= kv > q_idx - window
+    if causal:  # every query sees at least its own entry
+        return mask, False
     # A query that may see nothing (a pad) attends to everything instead of producing NaNs.
     return mask | ~mask.any(-1, keepdim=True), False
 

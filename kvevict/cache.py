@@ -27,7 +27,8 @@ from .selection import SelectionInputs
 from .storage import HeadwiseKV
 
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
-DEFERRED_OBSERVE_TOKENS = 16  # forward passes up to this size may batch their observations across layers
+DEFERRED_OBSERVE_TOKENS = 16  # forward passes up to this size may defer scoring (scorers that score late)
+DEFERRED_SCORING_LIMIT = 64  # deferred entries are scored once this many tokens wait (or before a selection)
 
 
 @dataclass(frozen=True)
@@ -87,8 +88,8 @@ class EvictingLayer(CacheLayerMixin):
         self.scaling = 1.0
         self.hidden: torch.Tensor | None = None  # attention input of this forward, for needs_hidden scorers
         self.on_forward_end: Callable[[], None] | None = None  # set on the last layer by a global policy
-        self.defer_observe = False  # a global policy observes all layers at the end of small forward passes
-        self.pending: ScoreInputs | None = None  # this forward's deferred observation
+        self.defer_scoring = False  # set by a global policy whose scorer scores late
+        self.unscored: list[torch.Tensor] = []  # attention inputs [B, q, D] of the newest, not yet scored entries
 
     @property
     def is_sliding(self) -> bool:  # read by transformers' mask creation
@@ -174,6 +175,7 @@ class EvictingLayer(CacheLayerMixin):
         self.real_min = 0
         self.since_eviction = 0
         self.window = None
+        self.unscored = []
         self.is_initialized = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -201,6 +203,7 @@ class EvictingLayer(CacheLayerMixin):
             raise ValueError(f"crop takes the negative number of tokens to remove, got {tokens_to_remove}")
         if not self.is_initialized:
             return
+        self.score_pending()
         new_seen = self.seen + tokens_to_remove
         if new_seen < 0:
             raise ValueError(f"cannot crop {-tokens_to_remove} tokens from a cache that has seen {self.seen}")
@@ -259,12 +262,14 @@ class EvictingLayer(CacheLayerMixin):
         if scorer.query_window:
             self._remember_queries(queries.detach(), is_real)
         if scorer.observes:
-            q_pos = torch.arange(self.seen - q, self.seen, device=self.device)
-            inputs = self.score_inputs(queries.detach(), q_pos, is_real)
-            if self.defer_observe and q <= DEFERRED_OBSERVE_TOKENS and not new_pads:
-                self.pending = inputs  # the storage stays as it is until the end of this forward pass
+            if self.defer_scoring and q <= DEFERRED_OBSERVE_TOKENS and not new_pads:
+                self.unscored.append(self.hidden)  # scored in a batch: EvictionCache.score_pending
             else:
-                scorer.observe(inputs)
+                if self.unscored:  # deferred entries precede this pass's in the storage
+                    self.hidden = torch.cat([*self.unscored, self.hidden], dim=1)
+                    self.unscored = []
+                q_pos = torch.arange(self.seen - q, self.seen, device=self.device)
+                scorer.observe(self.score_inputs(queries.detach(), q_pos, is_real))
             self.hidden = None
         evicted = self.policy.allocator.scope == "layer" and not self.paused and self._evict(force=new_pads)
         if new_pads and not evicted:
@@ -300,6 +305,19 @@ class EvictingLayer(CacheLayerMixin):
             pos = torch.cat([self.window[1], pos])
             real = torch.cat([self.window[2], real], dim=1)
         self.window = (queries[:, :, -w:].clone(), pos[-w:], real[:, -w:])  # clone: don't pin the whole chunk
+
+    def take_unscored(self) -> ScoreInputs:
+        """Score inputs for the entries whose scoring was deferred: the last ``n`` slots, ``hidden`` ``[B, n, D]``."""
+        self.hidden = torch.cat(self.unscored, dim=1)
+        self.unscored = []
+        inputs = self.score_inputs()
+        self.hidden = None
+        return inputs
+
+    def score_pending(self) -> None:
+        """Score the deferred entries now (before the layout changes)."""
+        if self.unscored:
+            self.policy.scorer.observe(self.take_unscored())
 
     def score_inputs(self, queries: torch.Tensor | None = None, query_positions: torch.Tensor | None = None,
                      query_real: torch.Tensor | None = None) -> ScoreInputs:
@@ -384,6 +402,7 @@ class EvictingLayer(CacheLayerMixin):
     def _select_rows(self, index: torch.Tensor) -> None:
         if not self.is_initialized:
             return
+        self.score_pending()
         self.kv.select_rows(index)
         self.real = self.real.index_select(0, index.to(self.device))
         self.sink_end = self.sink_end.index_select(0, index.to(self.device))
@@ -449,18 +468,23 @@ class EvictionCache(Cache):
         if self.policy.allocator.scope == "global" and self.budget is not None and self.full:
             self.full[-1].on_forward_end = self._end_of_forward
             for layer in self.full:
-                layer.defer_observe = True
+                layer.defer_scoring = self.policy.scorer.scores_late
 
     def _end_of_forward(self) -> None:
-        """After the last full-attention layer: the deferred observations in one batch, then the global
-        eviction (unless paused)."""
-        pending = [layer for layer in self.full if layer.pending is not None]
-        if pending:
-            self.policy.scorer.observe_layers([layer.pending for layer in pending])
-            for layer in pending:
-                layer.pending = None
+        """After the last full-attention layer: the global eviction (unless paused); deferred scoring
+        once enough entries wait."""
+        if sum(h.shape[1] for h in self.full[-1].unscored) >= DEFERRED_SCORING_LIMIT:
+            self.score_pending()
         if not self.full[-1].paused:
             self._evict_globally()
+
+    def score_pending(self) -> None:
+        """Score the entries whose scoring was deferred, all layers in one batch. A scorer that scores
+        late (the learned policy) gets new decoding entries in batches, and always before a selection;
+        call this only to inspect the scores."""
+        layers = [layer for layer in self.full if layer.unscored]
+        if layers:
+            self.policy.scorer.observe_layers([layer.take_unscored() for layer in layers])
 
     def _evict_globally(self) -> None:
         """Global top-k over all full-attention layers, once per forward pass."""
@@ -476,6 +500,7 @@ class EvictionCache(Cache):
         over = held > len(full) * heads * (budget + self.slack)
         if not bool(over.any()):
             return
+        self.score_pending()
         inputs = [layer.selection_inputs(budget) for layer in full]
         keeps = self.policy.allocator.select_all(inputs, len(full) * heads * budget)
         for layer, x, keep in zip(full, inputs, keeps):

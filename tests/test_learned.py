@@ -55,11 +55,28 @@ def test_learned_policy_drives_a_global_budget(calibrated):
     heads = model.config.num_key_value_heads
     assert stats["entries_total"] <= 2 * heads * (12 + 2) and stats["evicted"] > 0
     layer = cache.layers[0]
-    assert bool((layer.kv.extra["log_beta"] < 0).all())  # every kept entry was scored at creation
+    cache.score_pending()
+    assert bool((layer.kv.extra["log_beta"] < 0).all())  # every kept entry is scored
 
 
-def test_batched_observation_equals_per_layer(calibrated, monkeypatch):
-    """Small forward passes of a global policy score all layers in one batch; same result as one by one."""
+def test_decoding_entries_wait_for_a_batch_until_a_selection(calibrated):
+    model, card, _ = calibrated
+    gates, _ = load_gates(model.config, card)
+    cache = EvictionCache(model, Policy(LearnedRetention(gates), Global()), budget=12, sinks=2, recent=4, slack=16)
+    model.generate(prompt(60), past_key_values=cache, do_sample=False, max_new_tokens=6, prefill_chunk_size=16)
+    layer = cache.layers[0]
+    waiting = sum(h.shape[1] for h in layer.unscored)
+    assert waiting == 5  # the prefill was scored and evicted; the 5 decoding steps since wait
+    log_beta = layer.kv.extra["log_beta"]
+    assert bool((log_beta[..., :-waiting] < 0).all()) and bool((log_beta[..., -waiting:] == 0).all())
+    cache.score_pending()
+    assert not layer.unscored and bool((layer.kv.extra["log_beta"] < 0).all())
+
+
+@pytest.mark.parametrize("beams", [1, 2])  # beam search reorders rows while entries wait for scoring
+def test_batched_observation_equals_per_layer(calibrated, monkeypatch, beams):
+    """Decoding steps under a global policy are scored in batches (all layers, several steps); same result
+    as scoring each layer at each step."""
     model, card, _ = calibrated
     gates, _ = load_gates(model.config, card)
     batches = []
@@ -67,13 +84,14 @@ def test_batched_observation_equals_per_layer(calibrated, monkeypatch):
     monkeypatch.setattr(LearnedRetention, "observe_layers", lambda self, x: batches.append(len(x)) or batched(self, x))
 
     def run():
-        cache = EvictionCache(model, Policy(LearnedRetention(gates), Global()), budget=12, sinks=2, recent=4, slack=2)
+        cache = EvictionCache(model, Policy(LearnedRetention(gates), Global()), budget=12, sinks=2, recent=4, slack=8)
         out = model.generate(prompt(60), past_key_values=cache, do_sample=False, max_new_tokens=10,
-                             prefill_chunk_size=16)
+                             prefill_chunk_size=16, num_beams=beams)
         return out, cache
 
     out, cache = run()
     assert batches and set(batches) == {len(cache.layers)}
+    cache.score_pending()
     monkeypatch.setattr(cache_module, "DEFERRED_OBSERVE_TOKENS", 0)
     batches.clear()
     out_one_by_one, one_by_one = run()

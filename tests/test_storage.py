@@ -69,3 +69,12 @@ def test_buffers_made_under_inference_mode_are_replaced_outside_it():
     with torch.no_grad():
         kv.append(*entries(1, 1, 1, 3))  # room is left, but the buffer cannot be written here
     assert not kv.buffers["keys"].is_inference() and kv.positions.tolist() == [[[0, 1, 2, 3]]]
+
+
+def test_scorer_state_made_under_inference_mode_is_replaced_outside_it():
+    kv = HeadwiseKV.empty(torch.empty(1, 1, 0, 4), torch.empty(1, 1, 0, 4), reserve=8)
+    kv.append(*entries(1, 1, 3, 0))
+    with torch.inference_mode():
+        kv.extra["score"] = torch.ones(1, 1, 3)
+    kv.append(*entries(1, 1, 1, 3))
+    assert kv.extra["score"].tolist() == [[[1.0, 1.0, 1.0, 0.0]]]

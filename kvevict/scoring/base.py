@@ -20,8 +20,9 @@ class ScoreInputs:
     ``state`` holds per-slot tensors ``[B, H, S, ...]`` the scorer owns (gathered on eviction).
     ``module`` is the attention module (e.g. for its output projection), ``scaling`` its softmax scale.
     ``image`` ``[B, H, S]`` marks image entries (``None`` when the cache was not told of any).
-    ``hidden`` ``[B, q, D]`` is the layer's attention input of the current forward pass (only for
-    :meth:`Scorer.observe`, and only when the scorer ``needs_hidden``).
+    ``hidden`` ``[B, q, D]`` is the layer's attention input for the newest ``q`` entries (only for
+    :meth:`Scorer.observe`, and only when the scorer ``needs_hidden``): the current forward pass's, or
+    for a scorer that ``scores_late``, possibly those of several passes.
     """
 
     keys: torch.Tensor
@@ -53,7 +54,10 @@ class Scorer:
     ``needs_hidden`` = True also hands it the layer's attention input (the cache hooks the model).
     ``calibrated`` = True promises scores on one scale across layers and heads (needed by the
     global allocator without normalisation); ``nonnegative`` = True promises scores >= 0 (needed
-    to reweight them multiplicatively, as CriticalKV does).
+    to reweight them multiplicatively, as CriticalKV does). ``scores_late`` = True says :meth:`observe`
+    reads nothing but the new entries' own ``hidden``, so it may run some forward passes late: under a
+    global budget the cache then scores new entries in batches over layers and decoding steps (always
+    before a selection).
     """
 
     name: ClassVar[str]
@@ -62,6 +66,7 @@ class Scorer:
     calibrated: ClassVar[bool] = False
     needs_hidden: ClassVar[bool] = False
     nonnegative: ClassVar[bool] = False
+    scores_late: ClassVar[bool] = False
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         """Return ``[B, H, S]`` float scores; higher means more worth keeping."""
@@ -71,8 +76,8 @@ class Scorer:
         """Update ``inputs.state`` from the current forward pass (only when ``observes``)."""
 
     def observe_layers(self, inputs: list[ScoreInputs]) -> None:
-        """:meth:`observe` for several layers of one forward pass at once (global policies batch small
-        forward passes this way); override to batch the work."""
+        """:meth:`observe` for several layers at once (same-shaped inputs; the cache batches deferred
+        scoring this way); override to batch the work."""
         for x in inputs:
             self.observe(x)
 

@@ -20,6 +20,7 @@ class LearnedRetention(Scorer):
     observes = True
     calibrated = True
     needs_hidden = True
+    scores_late = True
 
     def __init__(self, gates: RetentionGates, lookahead: int = 0) -> None:
         self.gates, self.lookahead = gates, lookahead
@@ -27,7 +28,7 @@ class LearnedRetention(Scorer):
 
     @torch.no_grad()
     def observe(self, inputs: ScoreInputs) -> None:
-        """Score the entries this forward pass created (the last ``q`` slots)."""
+        """Score the newest ``q`` entries (the last ``q`` slots) from their attention inputs."""
         self._store(inputs, self.gates(self._placed(inputs.hidden), inputs.layer_idx))
 
     @torch.no_grad()
