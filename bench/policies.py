@@ -22,7 +22,7 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from kvevict import EvictionCache
-from kvevict.evaluate import (answer, continuation_logits, fidelity, policy_workload, score_answer,
+from kvevict.evaluate import (answer, continuation_logits, fidelity, policy_row, policy_workload, score_answer,
                               workload_arguments)
 from kvevict.models import load_model
 

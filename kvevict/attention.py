@@ -131,6 +131,8 @@ def kvevict_attention(
     if (FLASH_VARLEN is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
             and plain_causal and layer.sliding_window is None):
         out = attend_varlen(query, key, value, positions, scaling, FLASH_VARLEN)
+    elif plain_causal and layer.kv.has_holes and query.shape[2] > 1 and layer.sliding_window is None:
+        out = attend_per_head(query, key, value, positions, layer.seen, scaling)
     else:
         mask, is_causal = build_mask(layer.kv, query.shape[2], layer.seen, attention_mask, layer.sliding_window)
         out = attend(query, key, value, mask, scaling, is_causal)
@@ -217,6 +219,38 @@ def attend(
     if mask is not None and q > 1:
         mask = mask[:, :, None].expand(-1, mask.shape[1], groups, -1, -1).reshape(b, -1, groups * q, mask.shape[-1])
     out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scaling)
+    return out.view(b, hq, q, -1).transpose(1, 2).contiguous()
+
+
+def attend_per_head(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    positions: torch.Tensor,
+    seen: int,
+    scaling: float | None,
+) -> torch.Tensor:
+    """Causal attention of each (row, KV head)'s query group over that head's own entries only.
+
+    For a prefill chunk over a layer whose heads hold different numbers of entries: one SDPA call per
+    (row, head) attends over no empty slots and needs only a head-shared causal mask, which on CPU
+    costs less than one call over the padded layout with a per-head mask. Queries sit at logical
+    positions ``seen - q .. seen - 1``; no padding. query ``[B, Hq, q, D]``, key/value ``[B, H, S, ·]``,
+    positions ``[B, H, S]``. Returns ``[B, q, Hq, Dv]``.
+    """
+    b, hq, q, d = query.shape
+    h = key.shape[1]
+    grouped = query.view(b, h, hq // h, q, d)
+    q_pos = torch.arange(seen - q, seen, device=query.device)[:, None]
+    out = query.new_empty(b, h, hq // h, q, value.shape[-1])
+    for row in range(b):
+        for head in range(h):
+            valid = positions[row, head] >= 0
+            visible = positions[row, head][valid][None, :] <= q_pos  # [q, n]
+            out[row, head] = F.scaled_dot_product_attention(
+                grouped[row, head], key[row, head][valid][None], value[row, head][valid][None], attn_mask=visible,
+                scale=scaling,
+            )
     return out.view(b, hq, q, -1).transpose(1, 2).contiguous()
 
 

@@ -121,7 +121,7 @@ class HeadwiseKV:
     # --- changes ----------------------------------------------------------------------------------
     def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         """Append ``q`` new slots (``[B, H, q, ·]``, positions ``[B, H, q]``); scorer state gets zeros."""
-        q, end = keys.shape[-2], self.length + keys.shape[-2]
+        end = self.length + keys.shape[-2]
         frozen = not torch.is_inference_mode_enabled() and any(t.is_inference() for t in self._all().values())
         if end > self.capacity or frozen:  # buffers made under inference_mode cannot be written outside it
             self._resize(end + self.reserve)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from kvevict import EvictionCache
-from kvevict.attention import attend, attend_varlen, build_mask
+from kvevict.attention import attend, attend_per_head, attend_varlen, build_mask
 from conftest import prompt
 
 
@@ -39,3 +39,6 @@ def test_varlen_packing_matches_masked_sdpa(llama):
         expected = attend(query, keys, values, mask, 0.25, is_causal)
         got = attend_varlen(query, keys, values, layer.kv.positions, 0.25, reference_varlen)
         assert torch.allclose(got, expected, atol=1e-10)
+        if q > 1:  # the CPU path for prefill chunks: one call per (row, head) over its own entries
+            got = attend_per_head(query, keys, values, layer.kv.positions, layer.seen, 0.25)
+            assert torch.allclose(got, expected, atol=1e-10)
