@@ -247,10 +247,10 @@ def attend_per_head(
         for head in range(h):
             valid = positions[row, head] >= 0
             visible = positions[row, head][valid][None, :] <= q_pos  # [q, n]
-            out[row, head] = F.scaled_dot_product_attention(
-                grouped[row, head], key[row, head][valid][None], value[row, head][valid][None], attn_mask=visible,
-                scale=scaling,
-            )
+            out[row, head] = F.scaled_dot_product_attention(  # 4D operands: CPU kernels are slower on 3D ones
+                grouped[row, head][None], key[row, head][valid][None, None], value[row, head][valid][None, None],
+                attn_mask=visible[None, None], scale=scaling, enable_gqa=True,
+            )[0]
     return out.view(b, hq, q, -1).transpose(1, 2).contiguous()
 
 
