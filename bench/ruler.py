@@ -91,16 +91,14 @@ def main(argv: list[str] | None = None) -> None:
                     continue
                 for run in run_presses(args.model, model, [press], args.budgets, [], 0, [prompt(*k) for k in keys],
                                        args.max_new_tokens, args.threads):
-                    for (_, task, seed), a in zip(keys, run.get("answers") or [{"error": run.get("error")}] * len(keys)):
+                    for (_, task, seed), a in zip(keys, run.get("answers") or [run] * len(keys)):
                         key = [args.model, length, task, policy, run["budget"], seed]
-                        if "error" in a:  # recorded (not retried), listed apart in the summary
-                            out.write(json.dumps({"key": key, "model": args.model, "length": length, "task": task,
-                                                  "policy": policy, "budget": run["budget"], "seed": seed,
-                                                  "error": a["error"], "elapsed_s": 0.0}) + "\n")
-                            continue
-                        out.write(json.dumps(row(key, prompt(length, task, seed), a["text"], a["prefill_s"],
-                                                 a["kv_bytes"], a["decode_ms"], a["peak_rss_mb"], a["seconds"]))
-                                  + "\n")
+                        if "error" in a:  # a failed press: recorded (not retried), listed apart in the summary
+                            record = {**identity(key), "error": a["error"], "elapsed_s": 0.0}
+                        else:
+                            record = row(key, prompt(length, task, seed), a["text"], a["prefill_s"], a["kv_bytes"],
+                                         a["decode_ms"], a["peak_rss_mb"], a["seconds"])
+                        out.write(json.dumps(record) + "\n")
                 out.flush()
     summarize(log, args.model, args.samples)
 
@@ -109,11 +107,16 @@ def row(key: list, prompt: Prompt, text: str, prefill_s: float, kv_bytes: int, d
         peak_rss_mb: float | None, elapsed_s: float) -> dict:
     """One result line: the run's key, its score and costs (``elapsed_s``: the whole run; peak RSS of the
     process during the run, model weights included)."""
-    model, length, task, policy, budget, seed = key
-    return {"key": key, "model": model, "length": length, "task": task, "policy": policy, "budget": budget,
-            "seed": seed, "score": score_answer(text, prompt.answers), "output": text, "answers": list(prompt.answers),
+    return {**identity(key), "score": score_answer(text, prompt.answers), "output": text, "answers": list(prompt.answers),
             "prefill_s": round(prefill_s, 3), "kv_mb": round(kv_bytes / 2**20, 2), "decode_ms": round(decode_ms, 1),
             "peak_rss_mb": None if peak_rss_mb is None else round(peak_rss_mb), "elapsed_s": round(elapsed_s, 2)}
+
+
+def identity(key: list) -> dict:
+    """The fields that name a run: its key and the key's parts."""
+    model, length, task, policy, budget, seed = key
+    return {"key": key, "model": model, "length": length, "task": task, "policy": policy, "budget": budget,
+            "seed": seed}
 
 
 def summarize(log: Path, model: str, samples: int) -> None:

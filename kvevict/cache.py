@@ -266,8 +266,8 @@ class EvictingLayer(CacheLayerMixin):
                 self.unscored.append(self.hidden)  # scored in a batch: EvictionCache.score_pending
             else:
                 if self.unscored:  # deferred entries precede this pass's in the storage
-                    self.hidden = torch.cat([*self.unscored, self.hidden], dim=1)
-                    self.unscored = []
+                    self.unscored.append(self.hidden)
+                    self.hidden = self._pop_unscored()
                 q_pos = torch.arange(self.seen - q, self.seen, device=self.device)
                 scorer.observe(self.score_inputs(queries.detach(), q_pos, is_real))
             self.hidden = None
@@ -306,10 +306,15 @@ class EvictingLayer(CacheLayerMixin):
             real = torch.cat([self.window[2], real], dim=1)
         self.window = (queries[:, :, -w:].clone(), pos[-w:], real[:, -w:])  # clone: don't pin the whole chunk
 
+    def _pop_unscored(self) -> torch.Tensor:
+        """The waiting attention inputs as one ``[B, n, D]`` tensor, oldest first (the last ``n`` slots)."""
+        hidden = torch.cat(self.unscored, dim=1)
+        self.unscored = []
+        return hidden
+
     def take_unscored(self) -> ScoreInputs:
         """Score inputs for the entries whose scoring was deferred: the last ``n`` slots, ``hidden`` ``[B, n, D]``."""
-        self.hidden = torch.cat(self.unscored, dim=1)
-        self.unscored = []
+        self.hidden = self._pop_unscored()
         inputs = self.score_inputs()
         self.hidden = None
         return inputs
