@@ -3,8 +3,8 @@
     python bench/speed.py --model smollm2-135m --contexts 2048 4096 8192 --budget 512 --policies streaming learned
 
 Each (context, cache) runs in a fresh process (so its peak RSS is its own) with one random-token
-context per length (speed does not depend on the text) and one hand-written loop: prefill, then
-greedy decode; the median decode step is reported. ``plain-<budget>`` is the physical floor for
+context per length (speed does not depend on the text) and one hand-written loop: ``--repeats``
+prefills (the median is reported), then greedy decode; the median decode step is reported. ``plain-<budget>`` is the physical floor for
 decoding under a budget: a DynamicCache that only ever saw ``budget`` tokens. Evicting caches are
 prefilled in ``--chunk``-token chunks, the others in one pass. Writes ``bench/results/speed.{json,md,png}``.
 """
@@ -17,7 +17,9 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -35,12 +37,17 @@ RESULTS = Path(__file__).parent / "results"
 
 
 @torch.inference_mode()
-def run(model, ids: torch.Tensor, cache, chunk: int | None, steps: int) -> dict:
-    """Prefill ``ids`` [1, n] (in chunks if given), then decode ``steps`` tokens; time both."""
-    start = time.perf_counter()
-    for part in ids.split(chunk or ids.shape[1], dim=-1):
-        logits = model(part, past_key_values=cache, logits_to_keep=1).logits
-    prefill = time.perf_counter() - start
+def run(model, ids: torch.Tensor, new_cache: Callable[[], Any], chunk: int | None, steps: int, repeats: int) -> dict:
+    """Prefill ``ids`` [1, n] (in chunks if given) into ``repeats`` new caches (the median time is
+    reported), then decode ``steps`` tokens from the last one."""
+    prefills = []
+    for _ in range(repeats):
+        cache = new_cache()
+        start = time.perf_counter()
+        for part in ids.split(chunk or ids.shape[1], dim=-1):
+            logits = model(part, past_key_values=cache, logits_to_keep=1).logits
+        prefills.append(time.perf_counter() - start)
+    prefill = sorted(prefills)[len(prefills) // 2]
     token = logits[:, -1:].argmax(-1)
     times = []
     for _ in range(steps):
@@ -62,9 +69,11 @@ def measure(config: dict) -> dict:
     if kind in ("full", "plain"):
         model.set_attn_implementation("sdpa")
         context = ids if kind == "full" else ids[:, -budget:]
-        result = run(model, context, DynamicCache(config=model.config), None, config["steps"])
+        result = run(model, context, lambda: DynamicCache(config=model.config), None, config["steps"],
+                     config["repeats"])
     else:
-        result = run(model, ids, EvictionCache(model, kind, budget=budget), config["chunk"], config["steps"])
+        result = run(model, ids, lambda: EvictionCache(model, kind, budget=budget), config["chunk"], config["steps"],
+                     config["repeats"])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     name = kind if kind == "full" else f"{kind}-{budget}"
     return {"model": config["model"], "context": n, "cache": name, **result, "rss_model_mb": round(loaded),
@@ -79,6 +88,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--policies", nargs="+", default=["streaming", "learned"])
     p.add_argument("--chunk", type=int, default=512, help="prefill chunk of the evicting caches")
     p.add_argument("--steps", type=int, default=34, help="decode steps per run")
+    p.add_argument("--repeats", type=int, default=3, help="prefills per run (the median time is reported)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: a JSON config to measure in this process
     args = p.parse_args(argv)
@@ -89,7 +99,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     kinds = ["full", *args.policies, "plain"]
     for n, kind in tqdm([(n, k) for n in args.contexts for k in kinds], desc="speed"):
         config = dict(model=args.model, context=n, kind=kind, budget=args.budget, chunk=args.chunk, steps=args.steps,
-                      threads=args.threads)
+                      repeats=args.repeats, threads=args.threads)
         out = subprocess.run([sys.executable, __file__, "--one", json.dumps(config)], check=True, capture_output=True,
                              text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
@@ -103,17 +113,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def table(rows: list[dict], reference: str) -> str:
-    """Markdown table; decode time relative to the plain cache and to the ``reference`` evicting cache."""
-    def rel(r: dict, prefix: str) -> str:
-        base = [x["decode_ms"] for x in rows if x["context"] == r["context"] and x["cache"].startswith(prefix)]
-        return f"{r['decode_ms'] / base[0]:.2f}x" if base else "-"
+    """Markdown table; prefill and decode times relative to the ``reference`` evicting cache, decode also
+    to the plain cache."""
+    def rel(r: dict, prefix: str, key: str = "decode_ms") -> str:
+        base = [x[key] for x in rows if x["context"] == r["context"] and x["cache"].startswith(prefix)]
+        return f"{r[key] / base[0]:.2f}x" if base else "-"
 
-    lines = [f"# Decode speed and memory ({rows[0]['model']}, 2-core CPU)", "",
-             "| context | cache | prefill s | decode ms/token | vs plain | vs " + reference + " | KV MB | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|"]
+    ref = reference + "-"
+    lines = [f"# Prefill, decode speed and memory ({rows[0]['model']}, 2-core CPU)", "",
+             f"| context | cache | prefill s | vs {reference} | decode ms/token | vs plain | vs {reference} | KV MB "
+             "| peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['context']} | {r['cache']} | {r['prefill_s']} | {r['decode_ms']} | {rel(r, 'plain-')} | "
-                     f"{rel(r, reference + '-')} | {r['kv_bytes'] / 2**20:.1f} | {r['peak_rss_mb']} |")
+        lines.append(f"| {r['context']} | {r['cache']} | {r['prefill_s']} | {rel(r, ref, 'prefill_s')} | "
+                     f"{r['decode_ms']} | {rel(r, 'plain-')} | {rel(r, ref)} | {r['kv_bytes'] / 2**20:.1f} | "
+                     f"{r['peak_rss_mb']} |")
     return "\n".join(lines)
 
 

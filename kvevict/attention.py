@@ -23,6 +23,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
+from .storage import additive_bias
+
 if TYPE_CHECKING:
     from .cache import EvictingLayer
     from .storage import HeadwiseKV
@@ -131,8 +133,9 @@ def kvevict_attention(
     if (FLASH_VARLEN is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
             and plain_causal and layer.sliding_window is None):
         out = attend_varlen(query, key, value, positions, scaling, FLASH_VARLEN)
-    elif plain_causal and layer.kv.has_holes and query.shape[2] > 1 and layer.sliding_window is None:
-        out = attend_per_head(query, key, value, positions, layer.seen, scaling)
+    elif (plain_causal and layer.kv.has_holes and layer.kv.run_start is not None and query.shape[2] > 1
+          and layer.sliding_window is None):
+        out = attend_per_head(query, key, value, layer.kv.run_start, scaling)
     else:
         mask, is_causal = build_mask(layer.kv, query.shape[2], layer.seen, attention_mask, layer.sliding_window)
         out = attend(query, key, value, mask, scaling, is_causal)
@@ -161,8 +164,10 @@ def build_mask(
     q_pos = torch.arange(seen - q_length, seen, device=positions.device)
     if plain and _same_everywhere(positions):
         row = positions[0, 0]
-        if window is None and row.shape[0] == q_length and bool((row == q_pos).all()):
-            return None, True
+        if window is None and bool((row[-q_length:] == q_pos).all()):  # past entries, then the queries' own
+            if row.shape[0] == q_length:
+                return None, True
+            return causal_tail(q_length, row.shape[0], kv.keys.dtype, row.device)[None, None], False
         mask = row[None, :] <= q_pos[:, None]
         if window is not None:
             mask &= row[None, :] > q_pos[:, None] - window
@@ -189,6 +194,15 @@ def build_mask(
     return mask | ~mask.any(-1, keepdim=True), False
 
 
+def causal_tail(q: int, s: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Additive ``[q, s]`` mask for ``q`` queries whose own entries are the last ``q`` of ``s`` slots:
+    every earlier slot is visible, the last ``q`` causally. Its right-aligned slices ``[:, j:]`` are
+    the masks of the shorter runs ``j .. s - 1``."""
+    mask = torch.zeros(q, s, dtype=dtype, device=device)
+    mask[:, s - q:].fill_(-torch.inf).triu_(1)
+    return mask
+
+
 def _same_everywhere(positions: torch.Tensor) -> bool:
     b, h = positions.shape[:2]
     return b * h == 1 or bool((positions == positions[:1, :1]).all())
@@ -208,6 +222,8 @@ def attend(
     b, hq, q, d = query.shape
     h = key.shape[1]
     groups = hq // h
+    if q > 1 and mask is not None and mask.dtype == torch.bool:
+        mask = additive_bias(mask, query.dtype)  # CPU SDPA runs faster on an additive mask
     if q > 1 and (mask is None or mask.shape[1] == 1):
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling, enable_gqa=groups > 1
@@ -226,30 +242,27 @@ def attend_per_head(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    positions: torch.Tensor,
-    seen: int,
+    run_start: torch.Tensor,
     scaling: float | None,
 ) -> torch.Tensor:
     """Causal attention of each (row, KV head)'s query group over that head's own entries only.
 
-    For a prefill chunk over a layer whose heads hold different numbers of entries: one SDPA call per
-    (row, head) attends over no empty slots and needs only a head-shared causal mask, which on CPU
-    costs less than one call over the padded layout with a per-head mask. Queries sit at logical
-    positions ``seen - q .. seen - 1``; no padding. query ``[B, Hq, q, D]``, key/value ``[B, H, S, ·]``,
-    positions ``[B, H, S]``. Returns ``[B, q, Hq, Dv]``.
+    For a prefill chunk over a layer whose heads hold different numbers of entries, each one run of
+    slots ``run_start .. S - 1`` ending with the chunk's own ``q`` entries: one SDPA call per (row, head)
+    over a view of its run needs no per-head mask and attends over no empty slot, which on CPU costs
+    less than one call over the padded layout. No padding. query ``[B, Hq, q, D]``, key/value
+    ``[B, H, S, ·]``, run_start ``[B, H]``. Returns ``[B, q, Hq, Dv]``.
     """
     b, hq, q, d = query.shape
-    h = key.shape[1]
+    h, s = key.shape[1], key.shape[2]
     grouped = query.view(b, h, hq // h, q, d)
-    q_pos = torch.arange(seen - q, seen, device=query.device)[:, None]
+    visible = causal_tail(q, s, query.dtype, query.device)[None, None]
     out = query.new_empty(b, h, hq // h, q, value.shape[-1])
-    for row in range(b):
-        for head in range(h):
-            valid = positions[row, head] >= 0
-            visible = positions[row, head][valid][None, :] <= q_pos  # [q, n]
+    for row, starts in enumerate(run_start.tolist()):
+        for head, start in enumerate(starts):
             out[row, head] = F.scaled_dot_product_attention(  # 4D operands: CPU kernels are slower on 3D ones
-                grouped[row, head][None], key[row, head][valid][None, None], value[row, head][valid][None, None],
-                attn_mask=visible[None, None], scale=scaling, enable_gqa=True,
+                grouped[row, head][None], key[row, head, start:][None, None], value[row, head, start:][None, None],
+                attn_mask=visible[..., start:], scale=scaling, enable_gqa=True,
             )[0]
     return out.view(b, hq, q, -1).transpose(1, 2).contiguous()
 

@@ -252,8 +252,9 @@ class EvictingLayer(CacheLayerMixin):
         self.module, self.scaling = module, scaling
         self.since_eviction += q
         if self.sliding_window is not None:
-            keep = self.kv.valid() if self.record_past else self.kv.positions > self.seen - self.sliding_window
-            if new_pads or not bool(keep[..., :1].all()):
+            valid = self.kv.valid()
+            keep = valid if self.record_past else self.kv.positions > self.seen - self.sliding_window
+            if new_pads or bool((valid & ~keep).any()):
                 self.evicted += self.kv.compact(keep)
             return
         scorer = self.policy.scorer

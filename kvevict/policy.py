@@ -44,7 +44,7 @@ def resolve_policy(spec: str | Policy | Scorer, config: PretrainedConfig | None 
     ``"pyramid:critical-tova"`` (CriticalKV reweighting of TOVA), ``"global-sum:h2o"``,
     ``"threshold:knorm"``, ``"dart"`` / ``"dart+snapkv"`` (DART for image entries, StreamingLLM or
     SnapKV for text, under per-modality quotas by default), ``"learned"`` (the calibrated policy
-    shipped for the model of ``config``, under one global budget by default).
+    shipped for the model of ``config``, under one balanced global budget by default).
     """
     if isinstance(spec, Policy):
         return spec
@@ -54,7 +54,7 @@ def resolve_policy(spec: str | Policy | Scorer, config: PretrainedConfig | None 
         raise TypeError(f"policy must be a name, a Scorer or a Policy, got {type(spec).__name__}")
     allocator_name, _, scorer_name = spec.rpartition(":")
     scorer = _scorer(scorer_name, spec, config)
-    default = "quota" if isinstance(scorer, DART) else "global" if scorer.calibrated else "uniform"
+    default = "quota" if isinstance(scorer, DART) else "global-balanced" if scorer.calibrated else "uniform"
     allocator_name = allocator_name or default
     if allocator_name not in ALLOCATORS:
         raise ValueError(f"unknown allocator {allocator_name!r} in policy {spec!r}; known: {sorted(ALLOCATORS)}")

@@ -185,17 +185,24 @@ class Global(Allocator):
     scores over its entries: ``"sum"`` (shares of the head's total, for non-negative scores such as
     attention) or ``"zscore"``. ``floor`` > 0 first gives every head its ``floor x budget`` best
     entries (inside the total), so no head is starved.
+
+    Heads that keep different numbers of entries leave empty slots in the padded storage, so the
+    bytes held exceed the budget. ``balance=True`` spends the budget on layers only: every head of a
+    layer keeps its own best ``n_l`` entries, where layer ``l``'s ``r``-th slot is worth the best of its
+    heads' ``r``-th scores; then the budget is the memory held.
     """
 
     name = "global"
     scope = "global"
 
-    def __init__(self, normalize: str | None = None, floor: float = 0.0) -> None:
+    def __init__(self, normalize: str | None = None, floor: float = 0.0, balance: bool = False) -> None:
         if normalize not in (None, "sum", "zscore"):
             raise ValueError(f"global normalize must be None, 'sum' or 'zscore', got {normalize!r}")
         if not 0.0 <= floor <= 1.0:
             raise ValueError(f"global floor must lie in [0, 1], got {floor}")
-        self.normalize, self.floor = normalize, floor
+        if balance and floor > 0:
+            raise ValueError("a balanced global budget gives every head of a layer the same entries; floor does not apply")
+        self.normalize, self.floor, self.balance = normalize, floor, balance
 
     def check_scorer(self, scorer) -> None:
         if self.normalize is None and not scorer.calibrated:
@@ -208,6 +215,8 @@ class Global(Allocator):
     def select_all(self, layers: list[SelectionInputs], total: torch.Tensor) -> list[torch.Tensor]:
         """Keep masks for every layer, ``total`` ``[B]`` entries per row across them all."""
         ranked = [self._normalized(x) for x in layers]
+        if self.balance:
+            return self._select_balanced(ranked, total)
         if self.floor > 0:  # each head's best floor x budget entries go first
             per_head = torch.ceil(total.double() / sum(r[0].shape[0] for r in ranked) * self.floor).long()
             ranked = [r.masked_fill(topk_per_head(r, per_head), torch.inf) for r in ranked]
@@ -219,6 +228,15 @@ class Global(Allocator):
             out.append(keep[:, start : start + n].view_as(r))
             start += n
         return out
+
+    def _select_balanced(self, ranked: list[torch.Tensor], total: torch.Tensor) -> list[torch.Tensor]:
+        """Keep masks giving every head of layer ``l`` the same ``n_l`` (``[B]``) best entries."""
+        heads = ranked[0].shape[1]
+        # Layer l's r-th slot (for all its heads) is worth its heads' best r-th score: [B, S_l]
+        curves = [r.sort(-1, descending=True).values.amax(1) for r in ranked]
+        chosen = topk_per_head(torch.cat(curves, dim=1)[:, None], torch.div(total, heads, rounding_mode="floor"))
+        counts = [part.sum(-1) for part in chosen[:, 0].split([c.shape[-1] for c in curves], dim=-1)]  # [B] each
+        return [topk_per_head(r, n) for r, n in zip(ranked, counts)]
 
     def _normalized(self, x: SelectionInputs) -> torch.Tensor:
         s = x.scores.float()
@@ -237,7 +255,7 @@ class Global(Allocator):
         raise RuntimeError("the global allocator selects across layers (select_all), not per layer")
 
     def __repr__(self) -> str:
-        return f"Global(normalize={self.normalize!r}, floor={self.floor})"
+        return f"Global(normalize={self.normalize!r}, floor={self.floor}, balance={self.balance})"
 
 
 ALLOCATORS: dict[str, type[Allocator] | tuple[type[Allocator], dict]] = {
@@ -249,6 +267,7 @@ ALLOCATORS: dict[str, type[Allocator] | tuple[type[Allocator], dict]] = {
     "global": Global,
     "global-sum": (Global, {"normalize": "sum"}),
     "global-zscore": (Global, {"normalize": "zscore"}),
+    "global-balanced": (Global, {"balance": True}),
 }
 
 

@@ -5,7 +5,9 @@ logical position of the token it came from (``-1`` marks an empty slot) and an a
 bias (``0``, or ``-inf`` for an empty slot). The tensors are buffers with room to grow: appending
 writes in place and reallocates only when the room is used up (then with ``reserve`` spare slots, so
 decoding does not copy the cache at every step). Compaction allocates buffers of exactly the kept
-length, so evicted entries really release their memory.
+length, so evicted entries really release their memory, and packs each (row, head)'s entries at the
+end: a shorter one gets its empty slots first, so its entries stay one run of slots that later appends
+extend (attention can then read each head's entries as a view).
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ class HeadwiseKV:
 
     Views of the used slots: ``keys`` ``[B, H, S, D]``, ``values`` ``[B, H, S, Dv]``, ``positions``
     ``[B, H, S]`` (int64), ``bias`` ``[B, H, S]`` (keys' dtype). Slots are kept in chronological order
-    along ``S``; ``extra`` (a :class:`SlotState`) holds per-slot tensors owned by a scorer (e.g.
+    along ``S``; ``run_start`` (``[B, H]`` int64, or ``None`` once pads left holes between entries) is the
+    first slot of each (row, head)'s run of entries, which ends at ``length``; ``extra`` (a :class:`SlotState`) holds per-slot tensors owned by a scorer (e.g.
     accumulated attention), gathered with the entries.
     """
 
@@ -66,6 +69,8 @@ class HeadwiseKV:
         self.reserve = reserve
         self.extra = SlotState(self)
         self.has_holes = False
+        self.run_start: torch.Tensor | None = torch.zeros(positions.shape[:2], dtype=torch.long,
+                                                          device=positions.device)
 
     @classmethod
     def empty(cls, like_keys: torch.Tensor, like_values: torch.Tensor, reserve: int = 0) -> "HeadwiseKV":
@@ -139,20 +144,21 @@ class HeadwiseKV:
         last = slice(self.length - empty.shape[-1], self.length)
         self.buffers["positions"][:, :, last].masked_fill_(empty, -1)
         self.buffers["bias"][:, :, last].masked_fill_(empty, -torch.inf)
-        self.has_holes = self.has_holes or bool(empty.any())
+        if bool(empty.any()):
+            self.has_holes, self.run_start = True, None
 
     def compact(self, keep: torch.Tensor) -> int:
         """Keep the slots where ``keep`` (``[B, H, S]`` bool) is set, in their order; return entries dropped.
 
-        The result has length ``max(keep.sum(-1))``; shorter (row, head)s get empty slots at the end.
+        The result has length ``max(keep.sum(-1))``; shorter (row, head)s get empty slots at the start.
         """
         valid = self.valid()
         keep = keep & valid
         counts = keep.sum(-1)
         new_len = int(counts.max()) if counts.numel() else 0
         dropped = int(valid.sum() - counts.sum())
-        # Stable sort of "not kept" puts the kept slots first, in chronological order.
-        order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[..., :new_len]
+        # A stable sort on "kept" puts the kept slots last, in chronological order.
+        order = torch.argsort(keep.to(torch.int8), dim=-1, stable=True)[..., keep.shape[-1] - new_len:]
         kept = torch.gather(keep, -1, order)
         used = self._used()
         gathered = {name: _gather_slots(t, order) for name, t in used.items()}
@@ -160,12 +166,15 @@ class HeadwiseKV:
         gathered["bias"] = _bias(gathered["positions"], gathered["keys"].dtype)
         self._set(gathered, new_len)
         self.has_holes = bool((counts != new_len).any())
+        self.run_start = new_len - counts
         return dropped
 
     def select_rows(self, index: torch.Tensor) -> None:
         """Reorder / repeat / select the batch rows by ``index`` (``[B']``)."""
         index = index.to(self.buffers["keys"].device)
         self._set({name: t.index_select(0, index) for name, t in self._used().items()}, self.length)
+        if self.run_start is not None:
+            self.run_start = self.run_start.index_select(0, index)
 
     # --- buffers ----------------------------------------------------------------------------------
     def _all(self) -> dict[str, torch.Tensor]:
@@ -193,8 +202,13 @@ class HeadwiseKV:
         self._set({**self._used(), name: value}, self.length)
 
 
+def additive_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bool mask (``True``: attend) as an additive attention bias of ``dtype``: ``0``, or ``-inf``."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, -torch.inf)
+
+
 def _bias(positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return torch.zeros(positions.shape, dtype=dtype, device=positions.device).masked_fill_(positions < 0, -torch.inf)
+    return additive_bias(positions >= 0, dtype)
 
 
 def _gather_slots(t: torch.Tensor, order: torch.Tensor) -> torch.Tensor:

@@ -40,5 +40,5 @@ def test_varlen_packing_matches_masked_sdpa(llama):
         got = attend_varlen(query, keys, values, layer.kv.positions, 0.25, reference_varlen)
         assert torch.allclose(got, expected, atol=1e-10)
         if q > 1:  # the CPU path for prefill chunks: one call per (row, head) over its own entries
-            got = attend_per_head(query, keys, values, layer.kv.positions, layer.seen, 0.25)
+            got = attend_per_head(query, keys, values, layer.kv.run_start, 0.25)
             assert torch.allclose(got, expected, atol=1e-10)

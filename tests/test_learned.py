@@ -9,6 +9,7 @@ import torch
 
 from kvevict import EvictionCache, Policy
 from kvevict import cache as cache_module
+from kvevict import policy as policy_module
 from kvevict.calibrate import Recipe, capacity_loss, calibrate
 from kvevict.gates import Fingerprint, RetentionGates, load_gates
 from kvevict.scoring.learned import LearnedRetention
@@ -57,6 +58,18 @@ def test_learned_policy_drives_a_global_budget(calibrated):
     layer = cache.layers[0]
     cache.score_pending()
     assert bool((layer.kv.extra["log_beta"] < 0).all())  # every kept entry is scored
+
+
+def test_learned_by_name_holds_a_balanced_global_budget(calibrated, monkeypatch):
+    model, card, _ = calibrated
+    monkeypatch.setattr(policy_module, "load_gates", lambda config: load_gates(config, card))
+    policy = policy_module.resolve_policy("learned", model.config)
+    assert isinstance(policy.allocator, Global) and policy.allocator.balance
+    cache = EvictionCache(model, "learned", budget=12, sinks=2, recent=4, slack=2)
+    model(prompt(60), past_key_values=cache)
+    for layer in cache.layers:  # every head of a layer holds the same entries: no empty slot is stored
+        assert not layer.kv.has_holes
+    assert sum(layer.kv.length for layer in cache.layers) <= 2 * (12 + 2)
 
 
 def test_decoding_entries_wait_for_a_batch_until_a_selection(calibrated):

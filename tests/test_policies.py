@@ -8,7 +8,7 @@ import torch
 from kvevict import EvictionCache, Policy
 from kvevict.policy import resolve_policy
 from kvevict.scoring import SCORERS, Scorer, ScoreInputs
-from kvevict.selection import AdaKV, Global, Pyramid, Threshold, Uniform, topk_per_head
+from kvevict.selection import AdaKV, Global, Pyramid, SelectionInputs, Threshold, Uniform, topk_per_head
 from conftest import prompt, tiny_gemma3, tiny_llama
 
 SCORER_NAMES = sorted(SCORERS) + ["critical-snapkv"]
@@ -152,6 +152,35 @@ def test_global_floor_keeps_every_head_fed(llama, floor):
         starved = int(layer.kv.counts()[0, 0])
         assert starved == (sinks + recent if floor == 0 else budget // 2)
     assert sum(int(layer.kv.counts().sum()) for layer in cache.layers) <= 2 * 2 * budget
+
+
+def test_balanced_global_budget_is_the_memory_held():
+    # Two layers, two heads: layer 0's head 1 holds the best scores, layer 1's heads are mediocre alike.
+    scores = [torch.tensor([[[1.0, 2, 3, 4, 5, 6], [90, 80, 70, 60, 20, 10]]]),
+              torch.tensor([[[30.0, 31, 32, 33, 34, 35], [35.5, 34.5, 33.5, 32.5, 31.5, 30.5]]])]
+    inputs = [SelectionInputs(s, torch.ones_like(s, dtype=torch.bool), torch.zeros_like(s, dtype=torch.bool),
+                              torch.tensor([3]), depth, 2) for depth, s in enumerate(scores)]
+    unbalanced = Global().select_all(inputs, torch.tensor([12]))
+    assert [k.sum(-1).tolist() for k in unbalanced] == [[[0, 4]], [[4, 4]]]  # 16 slots stored: 4 of them empty
+    keep = Global(balance=True).select_all(inputs, torch.tensor([12]))
+    # layer 0's ranks are worth 90, 80, 70, 60, 20, 10; layer 1's 35.5, 34.5, ...: the 6 best ranks are 4 + 2
+    assert [k.sum(-1).tolist() for k in keep] == [[[4, 4]], [[2, 2]]]
+    assert keep[0][0, 1].tolist() == [True] * 4 + [False] * 2 and keep[0][0, 0].tolist() == [False] * 2 + [True] * 4
+    assert keep[1][0, 0].tolist() == [False] * 4 + [True] * 2 and keep[1][0, 1].tolist() == [True] * 2 + [False] * 4
+    with pytest.raises(ValueError, match="floor does not apply"):
+        Global(balance=True, floor=0.1)
+
+
+def test_balanced_global_budget_leaves_no_empty_slots(llama):
+    budget = 16
+    caches = {name: EvictionCache(llama, Policy(StarvedHead(), Global(balance=name == "balanced")), budget=budget,
+                                  slack=0, **PROTECT) for name in ("global", "balanced")}
+    for cache in caches.values():
+        llama(prompt(80), past_key_values=cache)
+    for layer in caches["balanced"].layers:
+        assert not layer.kv.has_holes and layer.kv.length <= 2 * budget
+    held = {name: sum(layer.kv.length for layer in cache.layers) for name, cache in caches.items()}
+    assert held["balanced"] <= 2 * budget < held["global"]  # padded slots of the starved heads
 
 
 def test_threshold_keeps_scores_above_tau(llama):

@@ -29,16 +29,19 @@ def test_decoding_appends_in_place_until_the_room_is_used():
     assert bool((kv.bias == 0).all()) and not kv.has_holes
 
 
-def test_compaction_allocates_exactly_the_kept_slots_and_marks_holes():
+def test_compaction_allocates_exactly_the_kept_slots_and_packs_each_head_at_the_end():
     kv = HeadwiseKV.empty(torch.empty(1, 2, 0, 4), torch.empty(1, 2, 0, 4), reserve=8)
     kv.append(*entries(1, 2, 6, 0))
     keep = torch.tensor([[[1, 0, 1, 0, 1, 1], [0, 0, 0, 1, 1, 0]]], dtype=torch.bool)
     assert kv.compact(keep) == 12 - 6
     assert kv.capacity == kv.length == 4
-    assert kv.positions.tolist() == [[[0, 2, 4, 5], [3, 4, -1, -1]]]
-    assert kv.bias[0, 1].tolist() == [0, 0, -torch.inf, -torch.inf] and kv.has_holes
-    assert kv.values[0, 1, :2, 0].tolist() == [3.5, 4.5]
+    assert kv.positions.tolist() == [[[0, 2, 4, 5], [-1, -1, 3, 4]]]
+    assert kv.bias[0, 1].tolist() == [-torch.inf, -torch.inf, 0, 0] and kv.has_holes
+    assert kv.values[0, 1, 2:, 0].tolist() == [3.5, 4.5]
+    assert kv.run_start.tolist() == [[0, 2]]
     assert kv.nbytes() == 2 * 4 * (4 * 4 * 2 + 8 + 4)  # keys, values (float32 x 4), position, bias
+    kv.append(*entries(1, 2, 2, 6))  # appends extend every head's run
+    assert kv.positions[0, 1, kv.run_start[0, 1]:].tolist() == [3, 4, 6, 7]
 
 
 def test_slot_state_moves_with_entries_and_starts_new_slots_at_zero():
@@ -60,6 +63,11 @@ def test_pads_cleared_after_append_are_holes():
     kv.clear(torch.tensor([[[True, False, False]], [[False, False, False]]]))
     assert kv.positions[:, 0].tolist() == [[-1, 1, 2], [0, 1, 2]] and kv.has_holes
     assert kv.bias[0, 0, 0] == -torch.inf and kv.counts().tolist() == [[2], [3]]
+    assert kv.run_start is None  # entries no longer form one run per head
+    kv.append(*entries(2, 1, 1, 3))
+    kv.clear(torch.tensor([[[False]], [[True]]]))  # a pad after an entry: a hole inside the run
+    kv.compact(kv.valid())
+    assert kv.positions[:, 0].tolist() == [[1, 2, 3], [0, 1, 2]] and kv.run_start.tolist() == [[0], [0]]
 
 
 def test_buffers_made_under_inference_mode_are_replaced_outside_it():
