@@ -84,15 +84,18 @@ def main(argv: list[str] | None = None) -> None:
                                      time.perf_counter() - start)) + "\n")
             out.flush()
         for length in args.lengths:  # kvpress side by side, on the same prompts
-            keys = [(length, task, seed) for task in args.tasks for seed in range(args.samples)]
             for press in tqdm(args.presses, desc=f"kvpress {args.model} {length}"):
                 policy = f"kvpress:{press}"
-                if all((args.model, *k[:2], policy, b, k[2]) in done for k in keys for b in args.budgets):
+                keys = [(length, task, seed) for task in args.tasks for seed in range(args.samples)
+                        if any((args.model, length, task, policy, b, seed) not in done for b in args.budgets)]
+                if not keys:
                     continue
                 for run in run_presses(args.model, model, [press], args.budgets, [], 0, [prompt(*k) for k in keys],
                                        args.max_new_tokens, args.threads):
                     for (_, task, seed), a in zip(keys, run.get("answers") or [run] * len(keys)):
                         key = [args.model, length, task, policy, run["budget"], seed]
+                        if tuple(key) in done:
+                            continue
                         if "error" in a:  # a failed press: recorded (not retried), listed apart in the summary
                             record = {**identity(key), "error": a["error"], "elapsed_s": 0.0}
                         else:
@@ -122,7 +125,10 @@ def identity(key: list) -> dict:
 def summarize(log: Path, model: str, samples: int) -> None:
     """Mean score and costs per (length, task, policy, budget) over the first ``samples`` seeds:
     markdown, CSV and a plot."""
-    records = [r for r in map(json.loads, log.read_text().splitlines()) if r["seed"] < samples]
+    first = {}  # one record per run: the first written (a later one repeats a finished run)
+    for r in map(json.loads, log.read_text().splitlines()):
+        first.setdefault(tuple(r["key"]), r)
+    records = [r for r in first.values() if r["seed"] < samples]
     failed = sorted({(r["length"], r["policy"], r["budget"], r["error"]) for r in records if "error" in r},
                     key=lambda f: (f[0], order(f[1], f[2])))
     records = [r for r in records if "error" not in r]

@@ -133,9 +133,14 @@ def kvevict_attention(
     if (FLASH_VARLEN is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
             and plain_causal and layer.sliding_window is None):
         out = attend_varlen(query, key, value, positions, scaling, FLASH_VARLEN)
-    elif (plain_causal and layer.kv.has_holes and layer.kv.run_start is not None and query.shape[2] > 1
-          and layer.sliding_window is None):
-        out = attend_per_head(query, key, value, layer.kv.run_start, scaling)
+    elif plain_causal and query.shape[2] > 1 and layer.sliding_window is None and layer.kv.run_start is not None:
+        # A prefill chunk: its own entries are the last q slots of every head's run, after the past ones
+        q, s = query.shape[2], key.shape[2]
+        if layer.kv.has_holes:
+            out = attend_per_head(query, key, value, layer.kv.run_start, scaling)
+        else:
+            out = attend(query, key, value, None if s == q else causal_tail(q, s, query.dtype, query.device)[None, None],
+                         scaling, is_causal=s == q)
     else:
         mask, is_causal = build_mask(layer.kv, query.shape[2], layer.seen, attention_mask, layer.sliding_window)
         out = attend(query, key, value, mask, scaling, is_causal)
@@ -164,10 +169,8 @@ def build_mask(
     q_pos = torch.arange(seen - q_length, seen, device=positions.device)
     if plain and _same_everywhere(positions):
         row = positions[0, 0]
-        if window is None and bool((row[-q_length:] == q_pos).all()):  # past entries, then the queries' own
-            if row.shape[0] == q_length:
-                return None, True
-            return causal_tail(q_length, row.shape[0], kv.keys.dtype, row.device)[None, None], False
+        if window is None and row.shape[0] == q_length and bool((row == q_pos).all()):
+            return None, True
         mask = row[None, :] <= q_pos[:, None]
         if window is not None:
             mask &= row[None, :] > q_pos[:, None] - window

@@ -42,3 +42,21 @@ def test_varlen_packing_matches_masked_sdpa(llama):
         if q > 1:  # the CPU path for prefill chunks: one call per (row, head) over its own entries
             got = attend_per_head(query, keys, values, layer.kv.run_start, 0.25)
             assert torch.allclose(got, expected, atol=1e-10)
+
+
+def test_prefill_chunk_fast_paths_match_the_general_mask(llama):
+    # Uniform SnapKV: heads hold as many entries as each other, but different ones. A pad at a position
+    # no head holds any more changes nothing, yet sends the next chunk through the general mask path.
+    for policy in ("snapkv", "adakv:snapkv"):  # no holes (one shared causal-tail mask); holes (per head)
+        cache, twin = (EvictionCache(llama, policy, budget=10, sinks=2, recent=4, slack=0) for _ in range(2))
+        ids = prompt(56)
+        for c in (cache, twin):
+            llama(ids[:, :40], past_key_values=c)
+        held = torch.cat([layer.kv.positions.flatten() for layer in cache.layers])
+        assert cache.layers[0].kv.has_holes == (policy != "snapkv")
+        gone = next(p for p in range(40) if p not in held.tolist())
+        fast = llama(ids[:, 40:], past_key_values=cache).logits
+        mask = torch.ones_like(ids)
+        mask[0, gone] = 0
+        general = llama(ids[:, 40:], attention_mask=mask, past_key_values=twin).logits
+        assert torch.allclose(fast, general, atol=1e-5)
