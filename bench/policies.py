@@ -27,7 +27,7 @@ from kvevict.evaluate import (answer, continuation_logits, fidelity, policy_row,
 from kvevict.models import load_model
 
 POLICIES = ["random", "streaming", "h2o", "snapkv", "tova", "knorm", "keydiff", "expected_attention",
-            "critical-snapkv", "pyramid:snapkv", "adakv:snapkv", "global-sum:snapkv"]
+            "critical-snapkv", "pyramid:snapkv", "adakv:snapkv", "global-sum:snapkv", "learned"]
 
 
 def main(argv: list[str] | None = None) -> None:

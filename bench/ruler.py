@@ -148,7 +148,9 @@ def summarize(log: Path, model: str, samples: int) -> None:
              "Mean score (RULER substring match) over n samples per task. Costs: KV MB held after the context, "
              "its prefill time, decode ms per answer token (question included) and the process's peak RSS during "
              "the run (model weights included; '-' for rows recorded before it was measured), averaged over the tasks. "
-             f"Compute: {minutes:.1f} min on a 2-core CPU, summed over the {len(records)} runs in this table.", ""]
+             f"Compute: {minutes:.1f} min on a 2-core CPU, summed over the {len(records)} runs in this table."
+             + (" Cells differ in their number of samples n (a later run added seeds to some): the mean over tasks "
+                "weighs each task's mean equally." if len({r["n"] for r in rows}) > 1 else ""), ""]
     lines += overview(rows)
     for length in sorted({r["length"] for r in rows}):
         tasks = sorted({r["task"] for r in rows if r["length"] == length})
