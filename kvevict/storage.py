@@ -57,9 +57,10 @@ class HeadwiseKV:
 
     Views of the used slots: ``keys`` ``[B, H, S, D]``, ``values`` ``[B, H, S, Dv]``, ``positions``
     ``[B, H, S]`` (int64), ``bias`` ``[B, H, S]`` (keys' dtype). Slots are kept in chronological order
-    along ``S``; ``run_start`` (``[B, H]`` int64, or ``None`` once pads left holes between entries) is the
-    first slot of each (row, head)'s run of entries, which ends at ``length``; ``extra`` (a :class:`SlotState`) holds per-slot tensors owned by a scorer (e.g.
-    accumulated attention), gathered with the entries.
+    along ``S``; ``run_start`` (``[B, H]`` int64, or ``None`` once pads left holes between entries) is
+    the first slot of each (row, head)'s run of entries, which ends at ``length``; ``extra`` (a
+    :class:`SlotState`) holds per-slot tensors owned by a scorer (e.g. accumulated attention),
+    gathered with the entries.
     """
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, reserve: int = 0) -> None:
