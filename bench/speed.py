@@ -4,8 +4,9 @@
 
 Each (context, cache) runs in a fresh process (so its peak RSS is its own) with one random-token
 context per length (speed does not depend on the text) and one hand-written loop: ``--repeats``
-prefills (the median is reported), then greedy decode; the median decode step is reported. ``plain-<budget>`` is the physical floor for
-decoding under a budget: a DynamicCache that only ever saw ``budget`` tokens. Evicting caches are
+prefills (the median is reported), then greedy decode; the median decode step is reported.
+``plain-<budget>`` is the physical floor for decoding under a budget: a DynamicCache that only ever
+saw ``budget`` tokens. Evicting caches are
 prefilled in ``--chunk``-token chunks, the others in one pass. Writes ``bench/results/speed.{json,md,png}``.
 """
 

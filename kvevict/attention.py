@@ -133,14 +133,9 @@ def kvevict_attention(
     if (FLASH_VARLEN is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
             and plain_causal and layer.sliding_window is None):
         out = attend_varlen(query, key, value, positions, scaling, FLASH_VARLEN)
-    elif plain_causal and query.shape[2] > 1 and layer.sliding_window is None and layer.kv.run_start is not None:
-        # A prefill chunk: its own entries are the last q slots of every head's run, after the past ones
-        q, s = query.shape[2], key.shape[2]
-        if layer.kv.has_holes:
-            out = attend_per_head(query, key, value, layer.kv.run_start, scaling)
-        else:
-            out = attend(query, key, value, None if s == q else causal_tail(q, s, query.dtype, query.device)[None, None],
-                         scaling, is_causal=s == q)
+    elif (plain_causal and layer.kv.has_holes and layer.kv.run_start is not None and query.shape[2] > 1
+          and layer.sliding_window is None):
+        out = attend_per_head(query, key, value, layer.kv.run_start, scaling)
     else:
         mask, is_causal = build_mask(layer.kv, query.shape[2], layer.seen, attention_mask, layer.sliding_window)
         out = attend(query, key, value, mask, scaling, is_causal)
@@ -157,23 +152,25 @@ def build_mask(
 ) -> tuple[torch.Tensor | None, bool]:
     """Mask of the entries of ``kv`` for queries at logical positions ``seen - q_length .. seen - 1``.
 
-    Returns ``(mask, is_causal)``: ``mask`` is ``None``, head-shared ``[1, 1, q, S]`` bool or per head
-    ``[B, H, q, S]`` (when decoding: the storage's additive bias, ``[B, H, 1, S]``); ``is_causal`` means
-    plain causal attention over contiguous entries.
+    Returns ``(mask, is_causal)``: ``mask`` is ``None``, head-shared ``[1, 1, q, S]`` (bool, or the
+    additive causal tail) or per head ``[B, H, q, S]`` (when decoding: the storage's additive bias,
+    ``[B, H, 1, S]``); ``is_causal`` means plain causal attention over contiguous entries.
     """
     positions = kv.positions
     causal = info is None or (info.is_causal and info.padding is None)
-    if causal and q_length == 1 and window is None:  # decoding: every stored entry is in the past
-        return (kv.bias[:, :, None, :] if kv.has_holes else None), False
     plain = causal and not kv.has_holes
+    if causal and window is None:
+        if q_length == 1:  # decoding: every stored entry is in the past
+            return (kv.bias[:, :, None, :] if kv.has_holes else None), False
+        if plain:  # every head's past entries, then the queries' own in the last q slots
+            s = positions.shape[-1]
+            if s == q_length:
+                return None, True
+            return causal_tail(q_length, s, kv.keys.dtype, positions.device)[None, None], False
     q_pos = torch.arange(seen - q_length, seen, device=positions.device)
-    if plain and _same_everywhere(positions):
+    if plain and _same_everywhere(positions):  # a sliding window over entries shared by all heads
         row = positions[0, 0]
-        if window is None and row.shape[0] == q_length and bool((row == q_pos).all()):
-            return None, True
-        mask = row[None, :] <= q_pos[:, None]
-        if window is not None:
-            mask &= row[None, :] > q_pos[:, None] - window
+        mask = (row[None, :] <= q_pos[:, None]) & (row[None, :] > q_pos[:, None] - window)
         return mask[None, None], False
     kv = positions[:, :, None, :]  # [B, H, 1, S]
     kv_idx = kv.clamp(min=0)
