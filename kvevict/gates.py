@@ -60,6 +60,7 @@ class Card:
     steps: int
     seconds: float
     metrics: dict = field(default_factory=dict)
+    allocator: str = "global-balanced"  # chosen on held-out text at the end of calibration
 
 
 class RetentionGates(nn.Module):

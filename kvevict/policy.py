@@ -44,7 +44,8 @@ def resolve_policy(spec: str | Policy | Scorer, config: PretrainedConfig | None 
     ``"pyramid:critical-tova"`` (CriticalKV reweighting of TOVA), ``"global-sum:h2o"``,
     ``"threshold:knorm"``, ``"dart"`` / ``"dart+snapkv"`` (DART for image entries, StreamingLLM or
     SnapKV for text, under per-modality quotas by default), ``"learned"`` (the calibrated policy
-    shipped for the model of ``config``, under one balanced global budget by default).
+    shipped for the model of ``config``, under the allocator its calibration chose: one balanced global
+    budget, or fixed per-layer shares such as PyramidKV's).
     """
     if isinstance(spec, Policy):
         return spec
@@ -54,8 +55,7 @@ def resolve_policy(spec: str | Policy | Scorer, config: PretrainedConfig | None 
         raise TypeError(f"policy must be a name, a Scorer or a Policy, got {type(spec).__name__}")
     allocator_name, _, scorer_name = spec.rpartition(":")
     scorer = _scorer(scorer_name, spec, config)
-    default = "quota" if isinstance(scorer, DART) else "global-balanced" if scorer.calibrated else "uniform"
-    allocator_name = allocator_name or default
+    allocator_name = allocator_name or scorer.default_allocator
     if allocator_name not in ALLOCATORS:
         raise ValueError(f"unknown allocator {allocator_name!r} in policy {spec!r}; known: {sorted(ALLOCATORS)}")
     return Policy(scorer, make_allocator(allocator_name))
@@ -70,7 +70,8 @@ def _scorer(name: str, spec: str, config: PretrainedConfig | None) -> Scorer:
     if name == LearnedRetention.name:
         if config is None:
             raise ValueError("the learned policy is calibrated per model: resolve it with the model's config")
-        return LearnedRetention(load_gates(config)[0])
+        gates, card = load_gates(config)
+        return LearnedRetention(gates, default_allocator=card.allocator)
     if name not in SCORERS:
         raise ValueError(f"unknown scorer {name!r} in policy {spec!r}; known: {available_policies()}")
     return SCORERS[name]()

@@ -189,7 +189,8 @@ class Global(Allocator):
     Heads that keep different numbers of entries leave empty slots in the padded storage, so the
     bytes held exceed the budget. ``balance=True`` spends the budget on layers only: every head of a
     layer keeps its own best ``n_l`` entries, where layer ``l``'s ``r``-th slot is worth the best of its
-    heads' ``r``-th scores; then the budget is the memory held.
+    heads' ``r``-th scores; then the budget is the memory held. With ``floor``, every layer first gets
+    ``floor x`` its even share.
     """
 
     name = "global"
@@ -200,8 +201,6 @@ class Global(Allocator):
             raise ValueError(f"global normalize must be None, 'sum' or 'zscore', got {normalize!r}")
         if not 0.0 <= floor <= 1.0:
             raise ValueError(f"global floor must lie in [0, 1], got {floor}")
-        if balance and floor > 0:
-            raise ValueError("a balanced global budget gives every head of a layer the same entries; floor does not apply")
         self.normalize, self.floor, self.balance = normalize, floor, balance
 
     def check_scorer(self, scorer) -> None:
@@ -218,8 +217,7 @@ class Global(Allocator):
         if self.balance:
             return self._select_balanced(ranked, total)
         if self.floor > 0:  # each head's best floor x budget entries go first
-            per_head = torch.ceil(total.double() / sum(r[0].shape[0] for r in ranked) * self.floor).long()
-            ranked = [r.masked_fill(topk_per_head(r, per_head), torch.inf) for r in ranked]
+            ranked = [r.masked_fill(topk_per_head(r, self._floor(ranked, total)), torch.inf) for r in ranked]
         flat = torch.cat([r.flatten(1) for r in ranked], dim=1)  # [B, N]
         keep = topk_per_head(flat[:, None], total)[:, 0]
         out, start = [], 0
@@ -234,9 +232,16 @@ class Global(Allocator):
         heads = ranked[0].shape[1]
         # Layer l's r-th slot (for all its heads) is worth its heads' best r-th score: [B, S_l]
         curves = [r.sort(-1, descending=True).values.amax(1) for r in ranked]
+        if self.floor > 0:  # each layer's first floor x budget slots go first
+            floor = self._floor(ranked, total)[:, None]
+            curves = [c.masked_fill(torch.arange(c.shape[-1], device=c.device) < floor, torch.inf) for c in curves]
         chosen = topk_per_head(torch.cat(curves, dim=1)[:, None], torch.div(total, heads, rounding_mode="floor"))
         counts = [part.sum(-1) for part in chosen[:, 0].split([c.shape[-1] for c in curves], dim=-1)]  # [B] each
         return [topk_per_head(r, n) for r, n in zip(ranked, counts)]
+
+    def _floor(self, ranked: list[torch.Tensor], total: torch.Tensor) -> torch.Tensor:
+        """``[B]`` entries guaranteed to each head: ``floor x`` an even share of ``total``."""
+        return torch.ceil(total.double() / sum(r.shape[1] for r in ranked) * self.floor).long()
 
     def _normalized(self, x: SelectionInputs) -> torch.Tensor:
         s = x.scores.float()

@@ -13,7 +13,8 @@ from kvevict import policy as policy_module
 from kvevict.calibrate import Recipe, capacity_loss, calibrate
 from kvevict.gates import Fingerprint, RetentionGates, load_gates
 from kvevict.scoring.learned import LearnedRetention
-from kvevict.selection import Global, Threshold
+from kvevict.selection import Global, Pyramid, Threshold, Uniform
+from kvevict.validation import CANDIDATES, choose_allocator
 from conftest import prompt, tiny_gemma3, tiny_llama
 
 
@@ -70,6 +71,31 @@ def test_learned_by_name_holds_a_balanced_global_budget(calibrated, monkeypatch)
     for layer in cache.layers:  # every head of a layer holds the same entries: no empty slot is stored
         assert not layer.kv.has_holes
     assert sum(layer.kv.length for layer in cache.layers) <= 2 * (12 + 2)
+
+
+def test_calibration_chooses_the_allocator_on_held_out_text(calibrated, tmp_path, monkeypatch):
+    model, card, history = calibrated
+    recipe = Recipe(model="tiny-llama", seq_len=64, budget=8, steps=40, lr=1e-2, width=16, validate_len=256)
+    ids = torch.randint(2, 96, (4000,), generator=torch.Generator().manual_seed(0)).tolist()
+    held_out = torch.randint(2, 96, (600,), generator=torch.Generator().manual_seed(1)).tolist()
+    path, again = calibrate(model, ids, recipe, tmp_path, "random tokens", checkpoint=card.parent / "ckpt",
+                            validation=held_out)
+    assert again == history  # trained already: only the validation ran
+    saved = json.loads(path.read_text())
+    kl = saved["metrics"]["validation"]["kl"]
+    assert set(kl) == set(CANDIDATES) and all(v["kl"] > 0 for v in kl.values())  # 10% / 25% budgets do evict
+    assert saved["allocator"] == min(kl, key=lambda name: kl[name]["kl"])
+    for allocator, kind in (("uniform", Uniform), ("pyramid", Pyramid), ("global-balanced", Global)):  # "learned" follows its card
+        path.write_text(json.dumps({**saved, "allocator": allocator}))
+        monkeypatch.setattr(policy_module, "load_gates", lambda config: load_gates(config, path))
+        assert type(policy_module.resolve_policy("learned", model.config).allocator) is kind
+
+
+def test_validation_text_too_short_is_refused(calibrated):
+    model, card, _ = calibrated
+    gates, _ = load_gates(model.config, card)
+    with pytest.raises(ValueError, match="validation needs 2 windows of 256 tokens, the text has 300"):
+        choose_allocator(model, gates, list(range(2, 302)), 256)
 
 
 def test_decoding_entries_wait_for_a_batch_until_a_selection(calibrated):

@@ -167,8 +167,10 @@ def test_balanced_global_budget_is_the_memory_held():
     assert [k.sum(-1).tolist() for k in keep] == [[[4, 4]], [[2, 2]]]
     assert keep[0][0, 1].tolist() == [True] * 4 + [False] * 2 and keep[0][0, 0].tolist() == [False] * 2 + [True] * 4
     assert keep[1][0, 0].tolist() == [False] * 4 + [True] * 2 and keep[1][0, 1].tolist() == [True] * 2 + [False] * 4
-    with pytest.raises(ValueError, match="floor does not apply"):
-        Global(balance=True, floor=0.1)
+    # a floor of 0.8 x the even share (12 / 4 heads = 3) guarantees each layer 3 slots per head: all it can get
+    floored = Global(balance=True, floor=0.8).select_all(inputs, torch.tensor([12]))
+    assert [k.sum(-1).tolist() for k in floored] == [[[3, 3]], [[3, 3]]]
+    assert floored[0][0, 1].tolist() == [True] * 3 + [False] * 3
 
 
 def test_balanced_global_budget_leaves_no_empty_slots(llama):

@@ -57,7 +57,8 @@ class Scorer:
     to reweight them multiplicatively, as CriticalKV does). ``scores_late`` = True says :meth:`observe`
     reads nothing but the new entries' own ``hidden``, so it may run some forward passes late: under a
     global budget the cache then scores new entries in batches over layers and decoding steps (always
-    before a selection).
+    before a selection). ``default_allocator`` names the allocator the scorer gets when a policy name
+    gives none.
     """
 
     name: ClassVar[str]
@@ -67,6 +68,7 @@ class Scorer:
     needs_hidden: ClassVar[bool] = False
     nonnegative: ClassVar[bool] = False
     scores_late: ClassVar[bool] = False
+    default_allocator: str = "uniform"  # the allocator a bare name (``"snapkv"``) gets
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         """Return ``[B, H, S]`` float scores; higher means more worth keeping."""

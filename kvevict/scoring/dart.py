@@ -19,6 +19,7 @@ from .streaming import StreamingLLM
 
 class DART(WrappedScorer):
     name = "dart"
+    default_allocator = "quota"
 
     def __init__(self, text: Scorer | None = None, pivots: int = 4) -> None:
         super().__init__(text or StreamingLLM())

@@ -4,7 +4,8 @@ Each entry gets ``log beta`` from the retention gates when it is created (from t
 input); at step ``t`` it is worth ``(t + 1 - i) log beta_i``, optionally with a lookahead of ``n``
 steps: ``(t + 1 - i) log beta + log(1 - beta^n) - log(1 - beta)`` (the entry's expected total
 retention over the next ``n`` steps). Scores share one scale across layers and heads, so the policy
-pairs with the global allocator (one budget for the whole model) or a threshold.
+pairs with the global allocator (one budget for the whole model) or a threshold. Its default allocator
+is the one its calibration chose on held-out text (the card's ``allocator``).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ class LearnedRetention(Scorer):
     needs_hidden = True
     scores_late = True
 
-    def __init__(self, gates: RetentionGates, lookahead: int = 0) -> None:
-        self.gates, self.lookahead = gates, lookahead
+    def __init__(self, gates: RetentionGates, lookahead: int = 0, default_allocator: str = "global-balanced") -> None:
+        self.gates, self.lookahead, self.default_allocator = gates, lookahead, default_allocator
         self.placed = False
 
     @torch.no_grad()
