@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import PretrainedConfig
@@ -11,19 +11,22 @@ from transformers import PretrainedConfig
 from .gates import load_gates
 from .scoring import DART, SCORERS, CriticalKV, Scorer
 from .scoring.learned import LearnedRetention
-from .selection import ALLOCATORS, Allocator, Uniform, make_allocator
+from .selection import ALLOCATORS, Allocator, make_allocator
 
 CRITICAL = "critical-"
 
 
 @dataclass(frozen=True)
 class Policy:
-    """A scorer composed with an allocator, e.g. ``Policy(StreamingLLM(), Uniform())``."""
+    """A scorer composed with an allocator, e.g. ``Policy(StreamingLLM(), Uniform())``; without one, the
+    scorer's ``default_allocator``."""
 
     scorer: Scorer
-    allocator: Allocator = field(default_factory=Uniform)
+    allocator: Allocator = None  # type: ignore[assignment]  # set from the scorer in __post_init__
 
     def __post_init__(self) -> None:
+        if self.allocator is None:
+            object.__setattr__(self, "allocator", make_allocator(self.scorer.default_allocator))
         self.allocator.check_scorer(self.scorer)
 
     def __str__(self) -> str:

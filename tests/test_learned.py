@@ -89,6 +89,8 @@ def test_calibration_chooses_the_allocator_on_held_out_text(calibrated, tmp_path
         path.write_text(json.dumps({**saved, "allocator": allocator}))
         monkeypatch.setattr(policy_module, "load_gates", lambda config: load_gates(config, path))
         assert type(policy_module.resolve_policy("learned", model.config).allocator) is kind
+        scorer = LearnedRetention(load_gates(model.config, path)[0], default_allocator=allocator)
+        assert type(Policy(scorer).allocator) is kind  # a bare scorer follows its default too
 
 
 def test_validation_text_too_short_is_refused(calibrated):
