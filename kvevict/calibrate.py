@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import AttentionInterface, PreTrainedModel
 
-from .gates import Card, Fingerprint, RetentionGates
+from .gates import DEFAULT_ALLOCATOR, Card, Fingerprint, RetentionGates
 from .validation import choose_allocator
 
 SOFT_ATTENTION = "kvevict_soft"
@@ -168,7 +168,7 @@ def calibrate(model: PreTrainedModel, ids: list[int], recipe: Recipe, out: Path,
         soft.close()
     seconds = history[-1]["seconds"] if history else 0.0
     tail = history[-10:]
-    allocator, checked = "global-balanced", {}
+    allocator, checked = DEFAULT_ALLOCATOR, {}
     if validation is not None:
         started = time.perf_counter()
         allocator, kl = choose_allocator(model, gates.eval(), validation, recipe.validate_len)

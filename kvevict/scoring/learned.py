@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..gates import RetentionGates
+from ..gates import DEFAULT_ALLOCATOR, RetentionGates
 from .base import Scorer, ScoreInputs
 
 
@@ -23,7 +23,7 @@ class LearnedRetention(Scorer):
     needs_hidden = True
     scores_late = True
 
-    def __init__(self, gates: RetentionGates, lookahead: int = 0, default_allocator: str = "global-balanced") -> None:
+    def __init__(self, gates: RetentionGates, lookahead: int = 0, default_allocator: str = DEFAULT_ALLOCATOR) -> None:
         self.gates, self.lookahead, self.default_allocator = gates, lookahead, default_allocator
         self.placed = False
 
