@@ -536,6 +536,11 @@ class EvictionCache(Cache):
         super().batch_select_indices(indices)
         self.modality.select_rows(torch.as_tensor(indices))
 
+    def reset(self) -> None:
+        """Empty the cache for another conversation; it forgets the image positions too."""
+        super().reset()
+        self.modality.image = None
+
     def pause_eviction(self, paused: bool = True) -> None:
         """Stop (or resume) policy eviction, e.g. to append a question to a compressed context that the
         policy compressed without seeing it (sliding-window layers keep sliding). Scorers still observe

@@ -36,7 +36,8 @@ class Policy:
 def available_policies() -> list[str]:
     """Scorer names accepted by :func:`resolve_policy` (each may take an ``allocator:`` prefix)."""
     names = sorted(SCORERS)
-    return (names + [f"{CRITICAL}{n}" for n in names] + ["dart"] + [f"dart+{n}" for n in names]
+    critical = [f"{CRITICAL}{n}" for n in names if SCORERS[n].nonnegative]  # CriticalKV weighs attention mass
+    return (names + critical + ["dart"] + [f"dart+{n}" for n in names]
             + [LearnedRetention.name])
 
 
@@ -44,11 +45,11 @@ def resolve_policy(spec: str | Policy | Scorer, config: PretrainedConfig | None 
     """Turn a name, a :class:`Scorer` or a :class:`Policy` into a Policy.
 
     Names are ``[allocator:]scorer``: ``"snapkv"`` (uniform allocation), ``"adakv:snapkv"``,
-    ``"pyramid:critical-tova"`` (CriticalKV reweighting of TOVA), ``"global-sum:h2o"``,
-    ``"threshold:knorm"``, ``"dart"`` / ``"dart+snapkv"`` (DART for image entries, StreamingLLM or
-    SnapKV for text, under per-modality quotas by default), ``"learned"`` (the calibrated policy
-    shipped for the model of ``config``, under the allocator its calibration chose: one balanced global
-    budget, or fixed per-layer shares such as PyramidKV's).
+    ``"pyramid:critical-tova"`` (CriticalKV reweighting of TOVA), ``"global-sum:h2o"``, ``"dart"`` /
+    ``"dart+snapkv"`` (DART for image entries, StreamingLLM or SnapKV for text, under per-modality
+    quotas by default), ``"learned"`` (the calibrated policy shipped for the model of ``config``, under
+    the allocator its calibration chose: one balanced global budget, or fixed per-layer shares such as
+    PyramidKV's). A threshold needs its ``tau``: ``Policy(scorer, Threshold(tau))``.
     """
     if isinstance(spec, Policy):
         return spec

@@ -100,7 +100,9 @@ class Pyramid(Uniform):
         self.spread = spread
 
     def layer_factor(self, depth: int, num_layers: int) -> float:
-        return 1.0 + self.spread * (1.0 - 2.0 * depth / max(num_layers - 1, 1))
+        if num_layers == 1:
+            return 1.0
+        return 1.0 + self.spread * (1.0 - 2.0 * depth / (num_layers - 1))
 
 
 class AdaKV(Allocator):
@@ -168,8 +170,8 @@ class Threshold(Allocator):
     name = "threshold"
     needs_budget = False
 
-    def __init__(self, tau: float = 0.0) -> None:
-        self.tau = tau
+    def __init__(self, tau: float) -> None:
+        self.tau = float(tau)
 
     def select(self, inputs: SelectionInputs) -> torch.Tensor:
         return inputs.valid & (inputs.scores >= self.tau)
@@ -278,6 +280,8 @@ ALLOCATORS: dict[str, type[Allocator] | tuple[type[Allocator], dict]] = {
 
 def make_allocator(name: str) -> Allocator:
     """Instantiate a registered allocator by name."""
+    if name == Threshold.name:
+        raise ValueError("the threshold allocator needs its tau: use Policy(scorer, Threshold(tau)) with budget=None")
     entry = ALLOCATORS[name]
     cls, kwargs = entry if isinstance(entry, tuple) else (entry, {})
     return cls(**kwargs)

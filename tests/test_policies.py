@@ -201,11 +201,17 @@ def test_policy_errors(llama):
     with pytest.raises(ValueError, match="not calibrated"):
         EvictionCache(llama, "global:snapkv", budget=32)
     with pytest.raises(ValueError, match="pass budget=None"):
-        EvictionCache(llama, "threshold:knorm", budget=32)
+        EvictionCache(llama, Policy(SCORERS["knorm"](), Threshold(0.0)), budget=32)
+    with pytest.raises(ValueError, match="needs its tau"):
+        resolve_policy("threshold:knorm")
     with pytest.raises(ValueError, match="unknown scorer 'critical-nope'|unknown scorer 'nope'"):
         EvictionCache(llama, "critical-nope", budget=64)
     with pytest.raises(ValueError, match="odd"):
         SCORERS["snapkv"](kernel=4)
+    for name in ("snapkv", "expected_attention"):
+        for window in (0, -5, 2.5):
+            with pytest.raises(ValueError, match="query window"):
+                SCORERS[name](window=window)
     with pytest.raises(ValueError, match="non-negative"):
         cache = EvictionCache(llama, Policy(SCORERS["knorm"](), Global("sum")), budget=10, slack=0, **PROTECT)
         llama(prompt(40), past_key_values=cache)
@@ -216,6 +222,14 @@ def test_registry_names_resolve():
     assert isinstance(resolve_policy("pyramid:snapkv").allocator, Pyramid)
     policy = resolve_policy("adakv:critical-h2o")
     assert isinstance(policy.allocator, AdaKV) and policy.scorer.name == "critical-h2o"
+
+
+def test_pyramid_shares_average_to_the_budget():
+    pyramid = Pyramid(spread=0.5)
+    assert pyramid.layer_factor(0, 1) == 1.0  # one full-attention layer keeps the budget
+    for layers in (2, 3, 30):
+        factors = [pyramid.layer_factor(d, layers) for d in range(layers)]
+        assert factors[0] == 1.5 and factors[-1] == 0.5 and abs(sum(factors) / layers - 1) < 1e-9
 
 
 def test_threshold_in_padded_batch_equals_rows_alone():

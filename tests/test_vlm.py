@@ -63,6 +63,9 @@ def test_prepare_tags_exactly_the_image_placeholders(name):
         assert torch.equal(cache.modality.lookup(pos), expected)
     # a bare input_ids tensor does the same
     assert torch.equal(EvictionCache(model, "dart", budget=None).prepare(ids).modality.image, image)
+    # reset empties the cache for another conversation, image positions included
+    cache.reset()
+    assert cache.modality.image is None and cache.get_seq_length() == 0
 
 
 def test_prepare_without_image_token_raises():

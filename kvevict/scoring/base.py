@@ -98,6 +98,13 @@ class WrappedScorer(Scorer):
         self.base.observe(inputs)
 
 
+def query_window(window: int, scorer: str) -> int:
+    """Check a scorer's query window (how many recent queries it reads): a positive int."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"{scorer} needs a query window of at least 1 query, got {window!r}")
+    return window
+
+
 def attention_probs(inputs: ScoreInputs, block: int = 256) -> torch.Tensor:
     """Causal softmax attention of ``inputs.queries`` over the stored entries.
 

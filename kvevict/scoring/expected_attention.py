@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Scorer, ScoreInputs, masked_mean
+from .base import Scorer, ScoreInputs, masked_mean, query_window
 
 
 class ExpectedAttention(Scorer):
@@ -19,7 +19,7 @@ class ExpectedAttention(Scorer):
     nonnegative = True
 
     def __init__(self, window: int = 64) -> None:
-        self.query_window = window
+        self.query_window = query_window(window, self.name)
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         b, hq, w, d = inputs.queries.shape

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Scorer, ScoreInputs, attention_probs
+from .base import Scorer, ScoreInputs, attention_probs, query_window
 
 
 class SnapKV(Scorer):
@@ -20,7 +20,7 @@ class SnapKV(Scorer):
     def __init__(self, window: int = 32, kernel: int = 5) -> None:
         if kernel % 2 == 0 or kernel < 1:
             raise ValueError(f"SnapKV pooling kernel must be a positive odd number, got {kernel}")
-        self.query_window, self.kernel = window, kernel
+        self.query_window, self.kernel = query_window(window, self.name), kernel
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         probs = attention_probs(inputs)  # [B, H, w, S]
