@@ -127,12 +127,8 @@ def calibrate(model: PreTrainedModel, ids: list[int], recipe: Recipe, out: Path,
     optimizer = torch.optim.AdamW(gates.parameters(), lr=recipe.lr)
     history: list[dict] = []
     if checkpoint is not None and (checkpoint / "gates.safetensors").exists():
-        saved = load_file(checkpoint / "gates.safetensors")
-        expected = {k: tuple(v.shape) for k, v in gates.state_dict().items()}
-        if {k: tuple(v.shape) for k, v in saved.items()} != expected:
-            raise ValueError(f"the checkpoint in {checkpoint} does not fit these gates (another recipe or an older "
-                             "kvevict layout); delete it to calibrate from scratch")
-        gates.load_state_dict(saved)
+        _check_resumable(checkpoint, recipe)
+        gates.load_state_dict(load_file(checkpoint / "gates.safetensors"))
         history = json.loads((checkpoint / "history.json").read_text())
     rng = random.Random(recipe.seed)
     for _ in range(len(history)):
@@ -162,6 +158,7 @@ def calibrate(model: PreTrainedModel, ids: list[int], recipe: Recipe, out: Path,
                             "seconds": time.perf_counter() - start})
             if checkpoint is not None and ((step + 1) % 25 == 0 or step + 1 == recipe.steps):
                 checkpoint.mkdir(parents=True, exist_ok=True)
+                (checkpoint / "recipe.json").write_text(json.dumps(_training_settings(recipe)))
                 save_file({k: v.contiguous() for k, v in gates.state_dict().items()}, checkpoint / "gates.safetensors")
                 (checkpoint / "history.json").write_text(json.dumps(history))
     finally:
@@ -184,6 +181,27 @@ def calibrate(model: PreTrainedModel, ids: list[int], recipe: Recipe, out: Path,
         allocator=allocator,
     )
     return gates.eval().save(out, card), history
+
+
+def _training_settings(recipe: Recipe) -> dict:
+    """The recipe fields a resumed run must share with its checkpoint (all but the length of the run,
+    the threads and the validation)."""
+    settings = asdict(recipe)
+    for free in ("steps", "threads", "validate_len"):
+        settings.pop(free)
+    return settings
+
+
+def _check_resumable(checkpoint: Path, recipe: Recipe) -> None:
+    """Refuse to resume a checkpoint made with other training settings, or one past ``recipe.steps``."""
+    saved = checkpoint / "recipe.json"
+    settings = json.loads(saved.read_text()) if saved.exists() else None
+    if settings != _training_settings(recipe):
+        raise ValueError(f"the checkpoint in {checkpoint} was made with other settings ({settings}) than this "
+                         f"recipe ({_training_settings(recipe)}); delete it (or pass --fresh) to start again")
+    done = len(json.loads((checkpoint / "history.json").read_text()))
+    if done > recipe.steps:
+        raise ValueError(f"the checkpoint in {checkpoint} has {done} steps, more than the recipe's {recipe.steps}")
 
 
 def _expected_live(log_betas: dict[int, torch.Tensor]) -> float:

@@ -179,9 +179,12 @@ def who_speaks(plays: tuple[str, ...] = tuple(EVAL_PLAYS)) -> Callable:
         rng = random.Random(seed)
         head, tail = chat_frame(tok)
         intro = encode(tok, head + "Read this excerpt of a play by Shakespeare.\n\n")
-        text = play_text(rng.choice(plays))
-        ids = encode(tok, text)
+        play = rng.choice(plays)
+        ids = encode(tok, play_text(play))
         n = length - len(intro)
+        if not 0 < n <= len(ids):
+            raise ValueError(f"who_speaks needs a length of {len(intro) + 1} to {len(intro) + len(ids)} tokens "
+                             f"(an excerpt of {play!r}), got {length}")
         start = rng.randrange(0, max(1, len(ids) - n))
         window = ids[start : start + n]
         excerpt = tok.decode(window)
@@ -216,11 +219,13 @@ def qa() -> Callable:
         head, tail = chat_frame(tok)
         intro = encode(tok, head + QA_INSTRUCTION + "\n\nThe following are given documents.\n\n")
         room = length - len(intro)
-        while True:  # a question whose passage fits
+        for _ in range(1000):  # a question whose passage fits
             gold, question, answers = rng.choice(records)
             used = len(encode(tok, gold))
             if used < room // 2:
                 break
+        else:
+            raise ValueError(f"length {length} is too short for qa: no sampled passage fits in half of {room} tokens")
         docs = [gold]
         for passage in rng.sample(passages, len(passages)):
             if room - used - 8 * len(docs) < 64:

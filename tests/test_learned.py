@@ -169,10 +169,13 @@ def test_gates_only_for_full_attention_layers():
 
 def test_resuming_from_a_foreign_checkpoint_is_refused(calibrated, tmp_path):
     model, card, _ = calibrated
-    recipe = Recipe(model="tiny-llama", seq_len=64, budget=8, steps=40, lr=1e-2, width=8)  # another width
     ids = torch.randint(2, 96, (4000,), generator=torch.Generator().manual_seed(0)).tolist()
-    with pytest.raises(ValueError, match="does not fit these gates"):
-        calibrate(model, ids, recipe, tmp_path, "random tokens", checkpoint=card.parent / "ckpt")
+    same = dict(model="tiny-llama", seq_len=64, budget=8, steps=40, lr=1e-2, width=16)
+    for change, match in (({"width": 8}, "other settings"), ({"seq_len": 128}, "other settings"),
+                          ({"budget": 16}, "other settings"), ({"steps": 30}, "more than the recipe's 30")):
+        with pytest.raises(ValueError, match=match):
+            calibrate(model, ids, Recipe(**{**same, **change}), tmp_path, "random tokens",
+                      checkpoint=card.parent / "ckpt")
 
 
 def test_caches_share_one_input_hook_per_attention_module(calibrated):

@@ -62,3 +62,9 @@ def test_qa_hides_the_answering_passage_once_among_distractors(tok):
     records, _ = _qa_records()
     gold = [p for p, q, a in records if q in tok.decode(prompt.question[0]) and a == prompt.answers]
     assert gold and text.count(gold[0]) == 1
+
+
+@pytest.mark.parametrize("name, length", [("qa", 40), ("who_speaks", 5), ("who_speaks", 10**7)])
+def test_lengths_a_task_cannot_build_are_refused(tok, name, length):
+    with pytest.raises(ValueError, match="too short for qa|who_speaks needs a length"):
+        TASKS[name].build(tok, length, seed=0)
