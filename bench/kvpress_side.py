@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from kvevict.evaluate import Prompt, policy_row, policy_workload, score_answer, workload_arguments
+from kvevict.evaluate import (Prompt, check_table_settings, policy_row, policy_workload, score_answer,
+                              table_settings, workload_arguments)
 from kvevict.models import default_cache_dir, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,7 +70,15 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     workload_arguments(p)
     p.add_argument("--presses", nargs="+", default=PRESSES)
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args(argv)
+    results = args.out / f"policies_{args.model}_{args.length}.json"
+    rows = json.loads(results.read_text()) if results.exists() else []
+    settings = table_settings(args)
+    try:
+        check_table_settings(rows, settings, results)
+    except ValueError as e:
+        p.error(str(e))
     model, tok = load_model(args.model)  # also makes sure the fp32 copy exists
     work = policy_workload(tok, args.length, args.continuation, args.documents, args.depths)
     runs = run_presses(args.model, model, args.presses, args.budgets, work.documents, work.prefix, work.needles, 16,
@@ -78,14 +87,13 @@ def main(argv: list[str] | None = None) -> None:
         if "error" in run:
             print(f"kvpress:{run['press']} at {run['budget']:.0%} failed: {run['error']}", file=sys.stderr)
     new = [
-        policy_row(args.model, args.length, f"kvpress:{run['press']}", run["budget"], run["fidelity"],
-                   [score_answer(a["text"], p.answers) for a, p in zip(run["answers"], work.needles)])
+        {**policy_row(args.model, args.length, f"kvpress:{run['press']}", run["budget"], run["fidelity"],
+                      [score_answer(a["text"], p.answers) for a, p in zip(run["answers"], work.needles)]), **settings}
         for run in runs if "error" not in run
     ]
-    results = ROOT / "bench" / "results" / f"policies_{args.model}_{args.length}.json"
-    rows = json.loads(results.read_text()) if results.exists() else []
     keys = {(r["policy"], r["budget"]) for r in new}
     rows = [r for r in rows if (r["policy"], r["budget"]) not in keys] + new
+    results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps(rows, indent=1))
     print(json.dumps(new, indent=1))
 

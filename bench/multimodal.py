@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
+    if args.new_tokens < 2:
+        p.error(f"--new-tokens must be at least 2 (decode time is measured after the first), got {args.new_tokens}")
     torch.set_num_threads(args.threads)
     rows = []
     for n in args.images:

@@ -7,7 +7,8 @@ is appended with eviction paused. Fidelity: NLL increase, top-1 agreement and KL
 on the last ``--continuation`` tokens of essay windows of ``--length`` tokens. Needle: a 7-digit
 number at several depths of an essay haystack of exactly ``--length`` context tokens. Results go to
 ``bench/results/policies_<model>_<length>.{json,md}``; rerunning skips the rows already measured on at
-least ``--documents`` windows (rows on fewer are measured again and replaced).
+least ``--documents`` windows with the same ``--chunk`` (other rows are measured again and replaced); a
+results file holds one ``--continuation`` and one set of ``--depths`` (other settings: another ``--out``).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from kvevict import EvictionCache
-from kvevict.evaluate import (answer, continuation_logits, fidelity, policy_row, policy_workload, score_answer,
-                              workload_arguments)
+from kvevict.evaluate import (answer, check_table_settings, continuation_logits, fidelity, policy_row,
+                              policy_workload, score_answer, table_settings, workload_arguments)
 from kvevict.models import load_model
 
 POLICIES = ["random", "streaming", "h2o", "snapkv", "tova", "knorm", "keydiff", "expected_attention",
@@ -41,7 +42,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     stem = args.out / f"policies_{args.model}_{args.length}"
     rows = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").exists() else []
-    done = {(r["policy"], r["budget"]) for r in rows if r.get("documents", 1) >= args.documents}
+    settings = table_settings(args)
+    try:
+        check_table_settings(rows, settings, stem.with_suffix(".json"))
+    except ValueError as e:
+        p.error(str(e))
+    done = {(r["policy"], r["budget"]) for r in rows
+            if r.get("documents", 1) >= args.documents and r.get("chunk") == args.chunk}
 
     model, tok = load_model(args.model)
     work = policy_workload(tok, args.length, args.continuation, args.documents, args.depths)
@@ -58,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
         fid = [fidelity(model, d, prefix, make_cache, ref, args.chunk) for d, ref in zip(docs, references)]
         hits = [score_answer(answer(model, tok, p, make_cache(), args.chunk).text, p.answers) for p in needles]
         rows = [r for r in rows if (r["policy"], r["budget"]) != (policy, budget)]  # fewer documents: replaced
-        rows.append(policy_row(args.model, args.length, policy, budget, [asdict(f) for f in fid], hits))
+        rows.append({**policy_row(args.model, args.length, policy, budget, [asdict(f) for f in fid], hits),
+                     **settings, "chunk": args.chunk})
         tqdm.write(json.dumps(rows[-1]))
         stem.parent.mkdir(parents=True, exist_ok=True)
         stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))

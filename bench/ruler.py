@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
                                          a["decode_ms"], a["peak_rss_mb"], a["seconds"])
                         out.write(json.dumps(record) + "\n")
                 out.flush()
-    summarize(log, args.model, args.samples)
+    summarize(log, args.model)
 
 
 def row(key: list, prompt: Prompt, text: str, prefill_s: float, kv_bytes: int, decode_ms: float,
@@ -122,13 +122,13 @@ def identity(key: list) -> dict:
             "seed": seed}
 
 
-def summarize(log: Path, model: str, samples: int) -> None:
-    """Mean score and costs per (length, task, policy, budget) over the first ``samples`` seeds:
-    markdown, CSV and a plot."""
+def summarize(log: Path, model: str) -> None:
+    """Mean score and costs per (length, task, policy, budget) over every sample in the log (a run
+    with fewer ``--samples`` than earlier ones leaves their cells as they were): markdown, CSV and a plot."""
     first = {}  # one record per run: the first written (a later one repeats a finished run)
     for r in map(json.loads, log.read_text().splitlines()):
         first.setdefault(tuple(r["key"]), r)
-    records = [r for r in first.values() if r["seed"] < samples]
+    records = list(first.values())
     failed = sorted({(r["length"], r["policy"], r["budget"], r["error"]) for r in records if "error" in r},
                     key=lambda f: (f[0], order(f[1], f[2])))
     records = [r for r in records if "error" not in r]

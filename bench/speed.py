@@ -88,11 +88,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--budget", type=int, default=512)
     p.add_argument("--policies", nargs="+", default=["streaming", "learned"])
     p.add_argument("--chunk", type=int, default=512, help="prefill chunk of the evicting caches")
-    p.add_argument("--steps", type=int, default=34, help="decode steps per run")
+    p.add_argument("--steps", type=int, default=34, help="decode steps per run (the first 2 are warm-up)")
     p.add_argument("--repeats", type=int, default=3, help="prefills per run (the median time is reported)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: a JSON config to measure in this process
     args = p.parse_args(argv)
+    if args.steps < 3:
+        p.error(f"--steps must be at least 3 (the first 2 decode steps are warm-up), got {args.steps}")
     if args.one:
         print(json.dumps(measure(json.loads(args.one))))
         return []

@@ -11,6 +11,7 @@ import argparse
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -140,6 +141,20 @@ def workload_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depths", type=float, nargs="+", default=[0.2, 0.4, 0.6, 0.8])
     parser.add_argument("--documents", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+
+
+def table_settings(args: argparse.Namespace) -> dict:
+    """The workload settings every row of one policy table shares (its header describes them)."""
+    return {"continuation": args.continuation, "depths": list(args.depths)}
+
+
+def check_table_settings(rows: list[dict], settings: dict, path: Path) -> None:
+    """Refuse to add rows to a results file whose rows were measured with other workload settings."""
+    for r in rows:
+        theirs = {k: r.get(k) for k in settings}
+        if theirs != settings:
+            raise ValueError(f"{path} holds rows measured with {theirs} ({r['policy']}), not {settings}: "
+                             "rerun with those settings or write elsewhere (--out)")
 
 
 def score_answer(output: str, answers: tuple[str, ...]) -> float:

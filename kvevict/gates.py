@@ -120,6 +120,9 @@ def load_gates(config: PretrainedConfig, path: str | Path | None = None) -> tupl
     """Load calibrated gates for the model of ``config``: from the card at ``path``, or the card in
     ``policies/`` whose fingerprint matches. Raises if none matches."""
     want = Fingerprint.of(config)
+    if path is None and not POLICY_DIR.is_dir():
+        raise ValueError(f"no policies folder at {POLICY_DIR}: the shipped policies live in the source checkout "
+                         "(install it with `pip install -e .`), or pass the path of a policy's card")
     cards = [Path(path)] if path is not None else sorted(POLICY_DIR.glob("*.json"))
     for card_path in cards:
         raw = json.loads(card_path.read_text())

@@ -10,7 +10,7 @@ import pytest
 from transformers import DynamicCache
 
 from kvevict import EvictionCache
-from kvevict.evaluate import fidelity, needle_prompt, score_answer
+from kvevict.evaluate import check_table_settings, fidelity, needle_prompt, score_answer
 from kvevict.models import load_model
 from conftest import prompt
 
@@ -43,6 +43,17 @@ def test_score_answer():
     assert score_answer(" 1234567.", ("1234567",)) == 1.0
     assert score_answer("ABC and d", ("abc", "D", "x")) == pytest.approx(2 / 3)
     assert score_answer("nothing", ("1234567",)) == 0.0
+
+
+def test_a_policy_table_holds_one_workload():
+    settings = {"continuation": 512, "depths": [0.3, 0.7]}
+    rows = [{"policy": "full", **settings}, {"policy": "learned", **settings}]
+    check_table_settings(rows, settings, Path("t.json"))
+    for other in ({"continuation": 256, "depths": [0.3, 0.7]}, {"continuation": 512, "depths": [0.5]}):
+        with pytest.raises(ValueError, match="holds rows measured with"):
+            check_table_settings(rows, other, Path("t.json"))
+    with pytest.raises(ValueError, match="'continuation': None"):  # a row that does not say
+        check_table_settings([{"policy": "full"}], settings, Path("t.json"))
 
 
 def test_fidelity_of_full_and_evicting_cache(llama):
