@@ -8,8 +8,9 @@ Only the gates learn. During training every attention logit gets the additive bi
 
 ``S_t`` is the soft number of live entries over all full-attention layers ``L`` and KV heads ``H``;
 ``M`` the target entries per head. Text windows are sampled (seeded) from general text, never from
-the benchmark data. Checkpoints (gates as safetensors + the loss history as JSON) make runs
-resumable: a resumed run continues with the same data order; AdamW's moment estimates restart.
+the benchmark data. Checkpoints (gates and AdamW's state as safetensors, the loss history and the
+training settings as JSON) make runs resumable: a resumed run continues with the same data order and
+optimizer state, so it ends where an uninterrupted run would.
 Given held-out text, a run ends by choosing the policy's default allocator on it (:mod:`.validation`).
 """
 
@@ -130,6 +131,8 @@ def calibrate(model: PreTrainedModel, ids: list[int], recipe: Recipe, out: Path,
         _check_resumable(checkpoint, recipe)
         gates.load_state_dict(load_file(checkpoint / "gates.safetensors"))
         history = json.loads((checkpoint / "history.json").read_text())
+        if (checkpoint / "optimizer.safetensors").exists():  # older checkpoints restart AdamW's moments
+            _load_optimizer(optimizer, load_file(checkpoint / "optimizer.safetensors"))
     rng = random.Random(recipe.seed)
     for _ in range(len(history)):
         windows(ids, recipe.seq_len, rng)  # replay the sampler so a resumed run sees the same data
@@ -160,6 +163,7 @@ def calibrate(model: PreTrainedModel, ids: list[int], recipe: Recipe, out: Path,
                 checkpoint.mkdir(parents=True, exist_ok=True)
                 (checkpoint / "recipe.json").write_text(json.dumps(_training_settings(recipe)))
                 save_file({k: v.contiguous() for k, v in gates.state_dict().items()}, checkpoint / "gates.safetensors")
+                save_file(_optimizer_tensors(optimizer), checkpoint / "optimizer.safetensors")
                 (checkpoint / "history.json").write_text(json.dumps(history))
     finally:
         soft.close()
@@ -181,6 +185,21 @@ def calibrate(model: PreTrainedModel, ids: list[int], recipe: Recipe, out: Path,
         allocator=allocator,
     )
     return gates.eval().save(out, card), history
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """AdamW's per-parameter state as flat safetensors entries ``"<param index>.<name>"``."""
+    return {f"{i}.{name}": t.detach().clone().contiguous()
+            for i, state in optimizer.state_dict()["state"].items() for name, t in state.items()}
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    """Inverse of :func:`_optimizer_tensors`; the hyperparameters stay the optimizer's own."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        i, name = key.split(".", 1)
+        state.setdefault(int(i), {})[name] = t
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
 
 def _training_settings(recipe: Recipe) -> dict:

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from kvevict import EvictionCache, Policy
 from kvevict import cache as cache_module
@@ -44,6 +45,18 @@ def test_calibration_resumes_from_checkpoint(calibrated, tmp_path):
     ids = torch.randint(2, 96, (4000,), generator=torch.Generator().manual_seed(0)).tolist()
     _, again = calibrate(model, ids, recipe, tmp_path, "random tokens", checkpoint=card.parent / "ckpt")
     assert again == history  # nothing left to train: the checkpoint holds all 40 steps
+
+
+def test_an_interrupted_calibration_ends_where_an_uninterrupted_one_does(calibrated, tmp_path):
+    model, card, history = calibrated
+    ids = torch.randint(2, 96, (4000,), generator=torch.Generator().manual_seed(0)).tolist()
+    same = dict(model="tiny-llama", seq_len=64, budget=8, lr=1e-2, width=16)
+    calibrate(model, ids, Recipe(**same, steps=30), tmp_path, "random tokens", checkpoint=tmp_path / "ckpt")
+    _, resumed = calibrate(model, ids, Recipe(**same, steps=40), tmp_path, "random tokens",
+                           checkpoint=tmp_path / "ckpt")  # resumes from step 30 (gates and AdamW state)
+    assert [h["kl"] for h in resumed] == [h["kl"] for h in history]
+    gates, straight = load_file(tmp_path / "ckpt" / "gates.safetensors"), load_file(card.parent / "ckpt" / "gates.safetensors")
+    assert all(torch.equal(gates[k], straight[k]) for k in straight)
 
 
 def test_learned_policy_drives_a_global_budget(calibrated):
