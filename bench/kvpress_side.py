@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from kvevict.evaluate import (Prompt, check_table_settings, policy_row, policy_workload, score_answer,
-                              table_settings, workload_arguments)
+from kvevict.evaluate import (Prompt, load_policy_table, policy_row, policy_workload, save_policy_rows,
+                              score_answer, table_settings, workload_arguments)
 from kvevict.models import default_cache_dir, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,10 +73,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args(argv)
     results = args.out / f"policies_{args.model}_{args.length}.json"
-    rows = json.loads(results.read_text()) if results.exists() else []
     settings = table_settings(args)
     try:
-        check_table_settings(rows, settings, results)
+        rows = load_policy_table(results, settings)
     except ValueError as e:
         p.error(str(e))
     model, tok = load_model(args.model)  # also makes sure the fp32 copy exists
@@ -91,10 +90,7 @@ def main(argv: list[str] | None = None) -> None:
                       [score_answer(a["text"], p.answers) for a, p in zip(run["answers"], work.needles)]), **settings}
         for run in runs if "error" not in run
     ]
-    keys = {(r["policy"], r["budget"]) for r in new}
-    rows = [r for r in rows if (r["policy"], r["budget"]) not in keys] + new
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(json.dumps(rows, indent=1))
+    save_policy_rows(results, rows, new)
     print(json.dumps(new, indent=1))
 
 

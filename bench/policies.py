@@ -7,8 +7,9 @@ is appended with eviction paused. Fidelity: NLL increase, top-1 agreement and KL
 on the last ``--continuation`` tokens of essay windows of ``--length`` tokens. Needle: a 7-digit
 number at several depths of an essay haystack of exactly ``--length`` context tokens. Results go to
 ``bench/results/policies_<model>_<length>.{json,md}``; rerunning skips the rows already measured on at
-least ``--documents`` windows with the same ``--chunk`` (other rows are measured again and replaced); a
-results file holds one ``--continuation`` and one set of ``--depths`` (other settings: another ``--out``).
+least ``--documents`` windows (rows on fewer are measured again and replaced); a results file holds one
+``--continuation``, one set of ``--depths`` and one ``--chunk`` (other settings: another ``--out``).
+Notes written by hand in ``policies_<model>_<length>.notes.md`` are appended to the table.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from kvevict import EvictionCache
-from kvevict.evaluate import (answer, check_table_settings, continuation_logits, fidelity, policy_row,
-                              policy_workload, score_answer, table_settings, workload_arguments)
+from kvevict.evaluate import (answer, continuation_logits, fidelity, load_policy_table, policy_row, policy_workload,
+                              save_policy_rows, score_answer, table_settings, workload_arguments)
 from kvevict.models import load_model
 
 POLICIES = ["random", "streaming", "h2o", "snapkv", "tova", "knorm", "keydiff", "expected_attention",
@@ -41,14 +42,12 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     stem = args.out / f"policies_{args.model}_{args.length}"
-    rows = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").exists() else []
-    settings = table_settings(args)
+    settings = {**table_settings(args), "chunk": args.chunk}  # kvpress's rows (one-pass prefill) record no chunk
     try:
-        check_table_settings(rows, settings, stem.with_suffix(".json"))
+        rows = load_policy_table(stem.with_suffix(".json"), settings)
     except ValueError as e:
         p.error(str(e))
-    done = {(r["policy"], r["budget"]) for r in rows
-            if r.get("documents", 1) >= args.documents and r.get("chunk") == args.chunk}
+    done = {(r["policy"], r["budget"]) for r in rows if r.get("documents", 1) >= args.documents}
 
     model, tok = load_model(args.model)
     work = policy_workload(tok, args.length, args.continuation, args.documents, args.depths)
@@ -64,14 +63,12 @@ def main(argv: list[str] | None = None) -> None:
 
         fid = [fidelity(model, d, prefix, make_cache, ref, args.chunk) for d, ref in zip(docs, references)]
         hits = [score_answer(answer(model, tok, p, make_cache(), args.chunk).text, p.answers) for p in needles]
-        rows = [r for r in rows if (r["policy"], r["budget"]) != (policy, budget)]  # fewer documents: replaced
-        rows.append({**policy_row(args.model, args.length, policy, budget, [asdict(f) for f in fid], hits),
-                     **settings, "chunk": args.chunk})
-        tqdm.write(json.dumps(rows[-1]))
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+        row = {**policy_row(args.model, args.length, policy, budget, [asdict(f) for f in fid], hits), **settings}
+        tqdm.write(json.dumps(row))
+        rows = save_policy_rows(stem.with_suffix(".json"), rows, [row])  # replaces a row on fewer documents
     minutes = (time.perf_counter() - started) / 60
-    stem.with_suffix(".md").write_text(table(rows, args, minutes))
+    notes = stem.parent / f"{stem.name}.notes.md"
+    stem.with_suffix(".md").write_text(table(rows, args, minutes) + (f"\n{notes.read_text()}" if notes.exists() else ""))
     print(stem.with_suffix(".md").read_text())
 
 
@@ -83,7 +80,8 @@ def table(rows: list[dict], args: argparse.Namespace, minutes: float) -> str:
         "",
         f"Fidelity: essay windows (docs: how many), last {args.continuation} tokens of each scored; needle: "
         f"{len(args.depths)} depths ({', '.join(map(str, args.depths))}); prefill in {args.chunk}-token chunks; "
-        f"2-core CPU, {args.threads} threads; this run took {minutes:.1f} min.",
+        f"2-core CPU, {args.threads} threads; the last run took {minutes:.1f} min (rows it did not measure come "
+        "from earlier runs).",
         "",
         "| policy | budget | docs | NLL increase | top-1 agree | KL | needle | prefill s | vs full | KV MB |",
         "|---|---|---|---|---|---|---|---|---|---|",

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import AttentionInterface, PreTrainedModel
@@ -128,11 +129,7 @@ def calibrate(model: PreTrainedModel, ids: list[int], recipe: Recipe, out: Path,
     optimizer = torch.optim.AdamW(gates.parameters(), lr=recipe.lr)
     history: list[dict] = []
     if checkpoint is not None and (checkpoint / "gates.safetensors").exists():
-        _check_resumable(checkpoint, recipe)
-        gates.load_state_dict(load_file(checkpoint / "gates.safetensors"))
-        history = json.loads((checkpoint / "history.json").read_text())
-        if (checkpoint / "optimizer.safetensors").exists():  # older checkpoints restart AdamW's moments
-            _load_optimizer(optimizer, load_file(checkpoint / "optimizer.safetensors"))
+        history = _load_checkpoint(checkpoint, recipe, gates, optimizer)
     rng = random.Random(recipe.seed)
     for _ in range(len(history)):
         windows(ids, recipe.seq_len, rng)  # replay the sampler so a resumed run sees the same data
@@ -161,9 +158,11 @@ def calibrate(model: PreTrainedModel, ids: list[int], recipe: Recipe, out: Path,
                             "seconds": time.perf_counter() - start})
             if checkpoint is not None and ((step + 1) % 25 == 0 or step + 1 == recipe.steps):
                 checkpoint.mkdir(parents=True, exist_ok=True)
+                done = {"step": str(step + 1)}  # checked against the history when resuming
                 (checkpoint / "recipe.json").write_text(json.dumps(_training_settings(recipe)))
-                save_file({k: v.contiguous() for k, v in gates.state_dict().items()}, checkpoint / "gates.safetensors")
-                save_file(_optimizer_tensors(optimizer), checkpoint / "optimizer.safetensors")
+                save_file({k: v.contiguous() for k, v in gates.state_dict().items()}, checkpoint / "gates.safetensors",
+                          metadata=done)
+                save_file(_optimizer_tensors(optimizer), checkpoint / "optimizer.safetensors", metadata=done)
                 (checkpoint / "history.json").write_text(json.dumps(history))
     finally:
         soft.close()
@@ -211,16 +210,38 @@ def _training_settings(recipe: Recipe) -> dict:
     return settings
 
 
-def _check_resumable(checkpoint: Path, recipe: Recipe) -> None:
-    """Refuse to resume a checkpoint made with other training settings, or one past ``recipe.steps``."""
-    saved = checkpoint / "recipe.json"
-    settings = json.loads(saved.read_text()) if saved.exists() else None
+def _load_checkpoint(checkpoint: Path, recipe: Recipe, gates: RetentionGates,
+                     optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Load gates and AdamW's state from ``checkpoint``; return the loss history. Refuses a checkpoint
+    made with other training settings or another gate layout, one past ``recipe.steps``, and one whose
+    files come from different steps (a run stopped while saving)."""
+    if not (checkpoint / "recipe.json").exists():
+        raise ValueError(f"the checkpoint in {checkpoint} records no training settings (an older kvevict made "
+                         "it); delete it (or pass --fresh) to start again")
+    settings = json.loads((checkpoint / "recipe.json").read_text())
     if settings != _training_settings(recipe):
         raise ValueError(f"the checkpoint in {checkpoint} was made with other settings ({settings}) than this "
                          f"recipe ({_training_settings(recipe)}); delete it (or pass --fresh) to start again")
-    done = len(json.loads((checkpoint / "history.json").read_text()))
-    if done > recipe.steps:
-        raise ValueError(f"the checkpoint in {checkpoint} has {done} steps, more than the recipe's {recipe.steps}")
+    history = json.loads((checkpoint / "history.json").read_text())
+    if len(history) > recipe.steps:
+        raise ValueError(f"the checkpoint in {checkpoint} has {len(history)} steps, more than the recipe's "
+                         f"{recipe.steps}")
+    files = [checkpoint / "gates.safetensors", checkpoint / "optimizer.safetensors"]
+    files = [f for f in files if f.exists()]  # checkpoints before AdamW's state was saved restart its moments
+    for f in files:
+        with safe_open(f, "pt") as saved:
+            step = (saved.metadata() or {}).get("step")
+        if step is not None and int(step) != len(history):
+            raise ValueError(f"the checkpoint in {checkpoint} is incomplete ({f.name} is from step {step}, the "
+                             f"history has {len(history)}): the run stopped while saving; delete it to start again")
+    weights = load_file(files[0])
+    if {k: tuple(v.shape) for k, v in weights.items()} != {k: tuple(v.shape) for k, v in gates.state_dict().items()}:
+        raise ValueError(f"the checkpoint in {checkpoint} does not fit these gates (an older kvevict layout); "
+                         "delete it to start again")
+    gates.load_state_dict(weights)
+    if len(files) == 2:
+        _load_optimizer(optimizer, load_file(files[1]))
+    return history
 
 
 def _expected_live(log_betas: dict[int, torch.Tensor]) -> float:

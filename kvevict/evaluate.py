@@ -8,6 +8,7 @@ question while it decides what to keep.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import time
 from dataclasses import dataclass
@@ -148,13 +149,25 @@ def table_settings(args: argparse.Namespace) -> dict:
     return {"continuation": args.continuation, "depths": list(args.depths)}
 
 
-def check_table_settings(rows: list[dict], settings: dict, path: Path) -> None:
-    """Refuse to add rows to a results file whose rows were measured with other workload settings."""
+def load_policy_table(path: Path, settings: dict) -> list[dict]:
+    """The rows of a policy results file (``[]`` if none). Raises if a row records a setting of
+    ``settings`` with another value: one table describes one workload."""
+    rows = json.loads(path.read_text()) if path.exists() else []
     for r in rows:
-        theirs = {k: r.get(k) for k in settings}
-        if theirs != settings:
+        theirs = {k: r[k] for k in settings if k in r}
+        if theirs != {k: settings[k] for k in theirs}:
             raise ValueError(f"{path} holds rows measured with {theirs} ({r['policy']}), not {settings}: "
                              "rerun with those settings or write elsewhere (--out)")
+    return rows
+
+
+def save_policy_rows(path: Path, rows: list[dict], new: list[dict]) -> list[dict]:
+    """Write ``rows`` with ``new`` in place of the rows of the same (policy, budget); return them."""
+    keys = {(r["policy"], r["budget"]) for r in new}
+    rows = [r for r in rows if (r["policy"], r["budget"]) not in keys] + new
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=1))
+    return rows
 
 
 def score_answer(output: str, answers: tuple[str, ...]) -> float:

@@ -61,7 +61,8 @@ def resolve_policy(spec: str | Policy | Scorer, config: PretrainedConfig | None 
     scorer = _scorer(scorer_name, spec, config)
     allocator_name = allocator_name or scorer.default_allocator
     if allocator_name not in ALLOCATORS:
-        raise ValueError(f"unknown allocator {allocator_name!r} in policy {spec!r}; known: {sorted(ALLOCATORS)}")
+        raise ValueError(f"unknown allocator {allocator_name!r} in policy {spec!r}; known: {sorted(ALLOCATORS)} "
+                         "(a threshold needs its tau: Policy(scorer, Threshold(tau)) with budget=None)")
     return Policy(scorer, make_allocator(allocator_name))
 
 

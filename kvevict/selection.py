@@ -265,11 +265,11 @@ class Global(Allocator):
         return f"Global(normalize={self.normalize!r}, floor={self.floor}, balance={self.balance})"
 
 
+# Allocators a policy name can give (``Threshold`` needs its ``tau``: build it directly).
 ALLOCATORS: dict[str, type[Allocator] | tuple[type[Allocator], dict]] = {
     "uniform": Uniform,
     "pyramid": Pyramid,
     "adakv": AdaKV,
-    "threshold": Threshold,
     "quota": Quota,
     "global": Global,
     "global-sum": (Global, {"normalize": "sum"}),
@@ -280,8 +280,6 @@ ALLOCATORS: dict[str, type[Allocator] | tuple[type[Allocator], dict]] = {
 
 def make_allocator(name: str) -> Allocator:
     """Instantiate a registered allocator by name."""
-    if name == Threshold.name:
-        raise ValueError("the threshold allocator needs its tau: use Policy(scorer, Threshold(tau)) with budget=None")
     entry = ALLOCATORS[name]
     cls, kwargs = entry if isinstance(entry, tuple) else (entry, {})
     return cls(**kwargs)

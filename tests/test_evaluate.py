@@ -10,7 +10,7 @@ import pytest
 from transformers import DynamicCache
 
 from kvevict import EvictionCache
-from kvevict.evaluate import check_table_settings, fidelity, needle_prompt, score_answer
+from kvevict.evaluate import fidelity, load_policy_table, needle_prompt, save_policy_rows, score_answer
 from kvevict.models import load_model
 from conftest import prompt
 
@@ -45,15 +45,19 @@ def test_score_answer():
     assert score_answer("nothing", ("1234567",)) == 0.0
 
 
-def test_a_policy_table_holds_one_workload():
-    settings = {"continuation": 512, "depths": [0.3, 0.7]}
-    rows = [{"policy": "full", **settings}, {"policy": "learned", **settings}]
-    check_table_settings(rows, settings, Path("t.json"))
-    for other in ({"continuation": 256, "depths": [0.3, 0.7]}, {"continuation": 512, "depths": [0.5]}):
+def test_a_policy_table_holds_one_workload(tmp_path):
+    path = tmp_path / "policies.json"
+    settings = {"continuation": 512, "depths": [0.3, 0.7], "chunk": 512}
+    assert load_policy_table(path, settings) == []
+    rows = save_policy_rows(path, [], [{"policy": "full", "budget": None, **settings},
+                                       {"policy": "kvpress:SnapKVPress", "budget": 0.1, "continuation": 512,
+                                        "depths": [0.3, 0.7]}])  # one-pass prefill: no chunk
+    assert load_policy_table(path, settings) == rows
+    for other in ({"continuation": 256}, {"depths": [0.5]}, {"chunk": 256}):
         with pytest.raises(ValueError, match="holds rows measured with"):
-            check_table_settings(rows, other, Path("t.json"))
-    with pytest.raises(ValueError, match="'continuation': None"):  # a row that does not say
-        check_table_settings([{"policy": "full"}], settings, Path("t.json"))
+            load_policy_table(path, {**settings, **other})
+    rows = save_policy_rows(path, rows, [{"policy": "full", "budget": None, **settings, "kl": 0.0}])
+    assert len(rows) == 2 and rows[-1]["kl"] == 0.0  # the same (policy, budget) is replaced
 
 
 def test_fidelity_of_full_and_evicting_cache(llama):

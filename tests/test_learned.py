@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -189,6 +190,15 @@ def test_resuming_from_a_foreign_checkpoint_is_refused(calibrated, tmp_path):
         with pytest.raises(ValueError, match=match):
             calibrate(model, ids, Recipe(**{**same, **change}), tmp_path, "random tokens",
                       checkpoint=card.parent / "ckpt")
+    broken = tmp_path / "broken"
+    shutil.copytree(card.parent / "ckpt", broken)
+    history = json.loads((broken / "history.json").read_text())
+    (broken / "history.json").write_text(json.dumps(history[:30]))  # stopped after writing the step-40 weights
+    with pytest.raises(ValueError, match="incomplete"):
+        calibrate(model, ids, Recipe(**same), tmp_path, "random tokens", checkpoint=broken)
+    (broken / "recipe.json").unlink()
+    with pytest.raises(ValueError, match="records no training settings"):
+        calibrate(model, ids, Recipe(**same), tmp_path, "random tokens", checkpoint=broken)
 
 
 def test_caches_share_one_input_hook_per_attention_module(calibrated):
