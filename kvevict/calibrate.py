@@ -188,7 +188,7 @@ def calibrate(model: PreTrainedModel, ids: list[int], recipe: Recipe, out: Path,
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     """AdamW's per-parameter state as flat safetensors entries ``"<param index>.<name>"``."""
-    return {f"{i}.{name}": t.detach().clone().contiguous()
+    return {f"{i}.{name}": t.contiguous()
             for i, state in optimizer.state_dict()["state"].items() for name, t in state.items()}
 
 

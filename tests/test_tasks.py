@@ -64,7 +64,9 @@ def test_qa_hides_the_answering_passage_once_among_distractors(tok):
     assert gold and text.count(gold[0]) == 1
 
 
-@pytest.mark.parametrize("name, length", [("qa", 40), ("who_speaks", 5), ("who_speaks", 10**7)])
-def test_lengths_a_task_cannot_build_are_refused(tok, name, length):
-    with pytest.raises(ValueError, match="too short for qa|who_speaks needs a length"):
+@pytest.mark.parametrize("name, length, message", [("qa", 40, "too short for qa"),
+                                                   ("who_speaks", 5, "who_speaks needs a length"),
+                                                   ("who_speaks", 10**7, "who_speaks needs a length")])
+def test_lengths_a_task_cannot_build_are_refused(tok, name, length, message):
+    with pytest.raises(ValueError, match=message):
         TASKS[name].build(tok, length, seed=0)
