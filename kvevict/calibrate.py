@@ -17,6 +17,7 @@ Given held-out text, a run ends by choosing the policy's default allocator on it
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -28,10 +29,12 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import AttentionInterface, PreTrainedModel
 
+from .data import CALIBRATION_DATA
 from .gates import DEFAULT_ALLOCATOR, Card, Fingerprint, RetentionGates
 from .validation import choose_allocator
 
 SOFT_ATTENTION = "kvevict_soft"
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,23 @@ class Recipe:
     seed: int = 0
     threads: int = 2
     validate_len: int = 4096  # tokens per held-out window when choosing the allocator
+    validate_windows: int = 2  # held-out windows (centred in equal parts of the held-out text)
+    data: str = "shakespeare-plays"  # a corpus of kvevict.data.CALIBRATION_DATA
+    schedule: str = "constant"  # learning rate: "constant", or "cosine" (decays to 0 over ``steps``)
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown learning-rate schedule {self.schedule!r}; known: {SCHEDULES}")
+        if self.data not in CALIBRATION_DATA:
+            raise ValueError(f"unknown calibration data {self.data!r}; known: {sorted(CALIBRATION_DATA)}")
+        if self.validate_windows < 1:
+            raise ValueError(f"validate_windows must be >= 1, got {self.validate_windows}")
+
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of the ``step``-th step (from 0)."""
+        if self.schedule == "cosine":
+            return self.lr * 0.5 * (1 + math.cos(math.pi * step / self.steps))
+        return self.lr
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":
@@ -149,6 +169,8 @@ def calibrate(model: PreTrainedModel, ids: list[int], recipe: Recipe, out: Path,
             loss = kl + recipe.capacity_weight * capacity
             optimizer.zero_grad()
             loss.backward()
+            for group in optimizer.param_groups:
+                group["lr"] = recipe.learning_rate(step)
             optimizer.step()
             with torch.no_grad():
                 beta = torch.cat([lb.flatten() for lb in soft.log_beta.values()]).exp()
@@ -171,8 +193,10 @@ def calibrate(model: PreTrainedModel, ids: list[int], recipe: Recipe, out: Path,
     allocator, checked = DEFAULT_ALLOCATOR, {}
     if validation is not None:
         started = time.perf_counter()
-        allocator, kl = choose_allocator(model, gates.eval(), validation, recipe.validate_len)
-        checked = {"validation": {"tokens_per_window": recipe.validate_len, "kl": kl, "chosen": allocator,
+        allocator, kl = choose_allocator(model, gates.eval(), validation, recipe.validate_len,
+                                         windows=recipe.validate_windows)
+        checked = {"validation": {"tokens_per_window": recipe.validate_len, "windows": recipe.validate_windows,
+                                  "kl": kl, "chosen": allocator,
                                   "seconds": round(time.perf_counter() - started, 1)}}
     card = Card(
         model=recipe.model, fingerprint=gates.fingerprint, width=recipe.width, method="soft-eviction distillation",
@@ -202,10 +226,10 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
 
 
 def _training_settings(recipe: Recipe) -> dict:
-    """The recipe fields a resumed run must share with its checkpoint (all but the length of the run,
-    the threads and the validation)."""
+    """The recipe fields a resumed run must share with its checkpoint: all but the threads, the
+    validation and (under a constant learning rate) the length of the run."""
     settings = asdict(recipe)
-    for free in ("steps", "threads", "validate_len"):
+    for free in ("threads", "validate_len", "validate_windows") + (("steps",) if recipe.schedule == "constant" else ()):
         settings.pop(free)
     return settings
 
@@ -218,7 +242,8 @@ def _load_checkpoint(checkpoint: Path, recipe: Recipe, gates: RetentionGates,
     if not (checkpoint / "recipe.json").exists():
         raise ValueError(f"the checkpoint in {checkpoint} records no training settings (an older kvevict made "
                          "it); delete it (or pass --fresh) to start again")
-    settings = json.loads((checkpoint / "recipe.json").read_text())
+    defaults = _training_settings(Recipe(model=recipe.model, steps=recipe.steps))  # fields older checkpoints lack
+    settings = {**defaults, **json.loads((checkpoint / "recipe.json").read_text())}
     if settings != _training_settings(recipe):
         raise ValueError(f"the checkpoint in {checkpoint} was made with other settings ({settings}) than this "
                          f"recipe ({_training_settings(recipe)}); delete it (or pass --fresh) to start again")

@@ -97,6 +97,17 @@ QUOREF = Artifact(
 )
 
 
+NYT_ARTICLES = Artifact(
+    name="nyt-articles",
+    file="nyt_v1.0.json",
+    parts=(WheelMember("bigbench", "1.0.0", "bigbench-1.0.0/bigbench/benchmark_tasks/squad_shifts/nyt_v1.0.json",
+                       sdist=True),),
+    sha256="a770cdc1b460e3bd256a9f95aae021ed6502768b1713be777f3dd8740a4a1965",
+    size=7_505_359,
+)
+NYT_HELD_OUT_EVERY = 5  # every 5th article is held out for the checks that end a calibration
+
+
 EASY_VQA = Artifact(
     name="easy-vqa",
     file="easy_vqa-1.0-py3-none-any.whl",
@@ -145,18 +156,43 @@ def quoref(cache_dir: str | Path | None = None) -> list[tuple[str, str, tuple[st
     return records
 
 
-def calibration_text(cache_dir: str | Path | None = None) -> str:
-    """General text for calibrating learned policies: eight Shakespeare plays (Project Gutenberg).
+def nyt_articles(cache_dir: str | Path | None = None) -> list[str]:
+    """The 797 New York Times articles of SQuAD-shifts (BIG-bench copy), each its paragraphs joined by
+    blank lines. Fetched once from the ``bigbench`` source distribution on PyPI (358 MB)."""
+    data = json.loads(_text(NYT_ARTICLES, cache_dir))["data"]
+    return ["\n\n".join(p["context"].strip() for p in article["paragraphs"]) for article in data]
 
-    Disjoint from the benchmark data (essays), so calibrated policies are judged on unseen text.
+
+CALIBRATION_DATA = {
+    "shakespeare-plays": "eight Shakespeare plays (Project Gutenberg); held out: Henry V and Richard III",
+    "plays+nyt": "the eight plays and 4 in 5 of the New York Times articles of SQuAD-shifts; held out: Henry V, "
+                 "Richard III and every 5th article",
+}
+
+
+def calibration_text(data: str = "shakespeare-plays", cache_dir: str | Path | None = None) -> str:
+    """General text for calibrating learned policies: the corpus ``data`` of :data:`CALIBRATION_DATA`.
+
+    Disjoint from the benchmark data (essays, Quoref, the evaluation plays), so calibrated policies
+    are judged on unseen text.
     """
-    return _text(SHAKESPEARE_PLAYS, cache_dir)
+    return _corpus(data, False, cache_dir)
 
 
-def validation_text(cache_dir: str | Path | None = None) -> str:
-    """Held-out general text for the checks that end a calibration: two more Shakespeare plays, in
-    neither the calibration text nor the benchmarks."""
-    return _text(VALIDATION_PLAYS, cache_dir)
+def validation_text(data: str = "shakespeare-plays", cache_dir: str | Path | None = None) -> str:
+    """The held-out part of the corpus ``data``, for the checks that end a calibration: in neither
+    its calibration text nor the benchmarks."""
+    return _corpus(data, True, cache_dir)
+
+
+def _corpus(data: str, held_out: bool, cache_dir: str | Path | None) -> str:
+    if data not in CALIBRATION_DATA:
+        raise ValueError(f"unknown calibration data {data!r}; known: {sorted(CALIBRATION_DATA)}")
+    plays = _text(VALIDATION_PLAYS if held_out else SHAKESPEARE_PLAYS, cache_dir)
+    if data == "shakespeare-plays":
+        return plays
+    articles = [a for i, a in enumerate(nyt_articles(cache_dir)) if (i % NYT_HELD_OUT_EVERY == 0) == held_out]
+    return plays + "\n\n" + "\n\n".join(articles)
 
 
 def essays_text(cache_dir: str | Path | None = None) -> str:

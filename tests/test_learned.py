@@ -201,6 +201,56 @@ def test_resuming_from_a_foreign_checkpoint_is_refused(calibrated, tmp_path):
         calibrate(model, ids, Recipe(**same), tmp_path, "random tokens", checkpoint=broken)
 
 
+def test_checkpoints_older_than_a_recipe_field_resume_with_its_default(calibrated, tmp_path):
+    model, card, history = calibrated
+    ids = torch.randint(2, 96, (4000,), generator=torch.Generator().manual_seed(0)).tolist()
+    same = dict(model="tiny-llama", seq_len=64, budget=8, steps=40, lr=1e-2, width=16)
+    old = tmp_path / "old"
+    shutil.copytree(card.parent / "ckpt", old)
+    settings = json.loads((old / "recipe.json").read_text())
+    (old / "recipe.json").write_text(json.dumps({k: v for k, v in settings.items() if k not in ("data", "schedule")}))
+    _, again = calibrate(model, ids, Recipe(**same), tmp_path, "random tokens", checkpoint=old)
+    assert again == history
+    with pytest.raises(ValueError, match="other settings"):  # the old run was constant-rate, not cosine
+        calibrate(model, ids, Recipe(**same, schedule="cosine"), tmp_path, "random tokens", checkpoint=old)
+
+
+def test_cosine_schedule_decays_and_binds_the_length_of_the_run(calibrated, tmp_path):
+    recipe = Recipe(model="tiny-llama", steps=40, lr=1e-2, schedule="cosine")
+    rates = [recipe.learning_rate(s) for s in range(40)]
+    assert rates[0] == 1e-2 and rates[20] == pytest.approx(5e-3) and rates == sorted(rates, reverse=True)
+    assert Recipe(model="tiny-llama", steps=40, lr=1e-2).learning_rate(39) == 1e-2
+    model, _, _ = calibrated
+    ids = torch.randint(2, 96, (4000,), generator=torch.Generator().manual_seed(0)).tolist()
+    same = dict(model="tiny-llama", seq_len=64, budget=8, lr=1e-2, width=16, schedule="cosine")
+    _, history = calibrate(model, ids, Recipe(**same, steps=10), tmp_path, "random tokens", checkpoint=tmp_path / "c")
+    assert len(history) == 10
+    with pytest.raises(ValueError, match="other settings"):  # a longer run decays differently: no resume
+        calibrate(model, ids, Recipe(**same, steps=20), tmp_path, "random tokens", checkpoint=tmp_path / "c")
+
+
+@pytest.mark.parametrize("change, match", [({"schedule": "linear"}, "unknown learning-rate schedule"),
+                                           ({"data": "essays"}, "unknown calibration data"),
+                                           ({"validate_windows": 0}, "validate_windows")])
+def test_bad_recipes_are_refused(change, match):
+    with pytest.raises(ValueError, match=match):
+        Recipe(model="tiny-llama", **change)
+
+
+def test_calibration_corpora_hold_out_disjoint_text(monkeypatch):
+    from kvevict import data
+
+    monkeypatch.setattr(data, "_text", lambda artifact, cache_dir: f"<{artifact.name}>")
+    monkeypatch.setattr(data, "nyt_articles", lambda cache_dir=None: [f"article {i}" for i in range(10)])
+    train, held_out = data.calibration_text("plays+nyt"), data.validation_text("plays+nyt")
+    assert train.startswith("<shakespeare-plays>") and held_out.startswith("<shakespeare-validation>")
+    assert "article 0" in held_out and "article 5" in held_out and "article 1" not in held_out
+    assert "article 1" in train and "article 0" not in train and "article 5" not in train
+    assert data.calibration_text("shakespeare-plays") == "<shakespeare-plays>"
+    with pytest.raises(ValueError, match="unknown calibration data"):
+        data.validation_text("essays")
+
+
 def test_caches_share_one_input_hook_per_attention_module(calibrated):
     model, card, _ = calibrated
     gates, _ = load_gates(model.config, card)
