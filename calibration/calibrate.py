@@ -73,7 +73,7 @@ def report(recipe: Recipe, history: list[dict], card: dict, directory: Path) -> 
         v = m["validation"]
         kls = "; ".join(f"{name} {r['kl']:.4f}" for name, r in v["kl"].items())
         held_out = CALIBRATION_DATA[recipe.data].partition("held out: ")[2]
-        checked = (f"Allocator chosen on {v.get('windows', 2)} held-out windows ({held_out}) of "
+        checked = (f"Allocator chosen on {v['windows']} held-out windows ({held_out}) of "
                    f"{v['tokens_per_window']} tokens each, budgets 10% and 25%, mean KL: {kls} -> "
                    f"**{card['allocator']}** ({v['seconds'] / 60:.1f} min).\n\n")
     (directory / f"{recipe.model}.md").write_text(
