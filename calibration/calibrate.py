@@ -68,17 +68,17 @@ def report(recipe: Recipe, history: list[dict], card: dict, directory: Path) -> 
     fig.tight_layout()
     fig.savefig(directory / f"{recipe.model}.png", dpi=110)
     m = card["metrics"]
+    trained_on, held_out = CALIBRATION_DATA[recipe.data]
     checked = ""
     if "validation" in m:
         v = m["validation"]
         kls = "; ".join(f"{name} {r['kl']:.4f}" for name, r in v["kl"].items())
-        held_out = CALIBRATION_DATA[recipe.data].partition("held out: ")[2]
         checked = (f"Allocator chosen on {v['windows']} held-out windows ({held_out}) of "
                    f"{v['tokens_per_window']} tokens each, budgets 10% and 25%, mean KL: {kls} -> "
                    f"**{card['allocator']}** ({v['seconds'] / 60:.1f} min).\n\n")
     (directory / f"{recipe.model}.md").write_text(
         f"# Calibration of `{recipe.model}`\n\n"
-        f"Method: {card['method']}; data: {card['data']} ({CALIBRATION_DATA[recipe.data]}); {recipe.steps} steps of {recipe.seq_len} tokens; "
+        f"Method: {card['method']}; data: {card['data']} ({trained_on}; held out: {held_out}); {recipe.steps} steps of {recipe.seq_len} tokens; "
         f"target {recipe.budget} live entries per head; learning rate {recipe.lr:g} ({recipe.schedule}); {card['seconds'] / 60:.1f} min on a 2-core CPU "
         f"({recipe.threads} threads).\n\n"
         f"Final (mean of last 10 steps): KL {m['final_kl']:.4f} nats/token, capacity hinge "

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import AttentionInterface, PreTrainedModel
 
-from .data import CALIBRATION_DATA
+from .data import check_corpus
 from .gates import DEFAULT_ALLOCATOR, Card, Fingerprint, RetentionGates
 from .validation import choose_allocator
 
@@ -58,8 +58,7 @@ class Recipe:
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown learning-rate schedule {self.schedule!r}; known: {SCHEDULES}")
-        if self.data not in CALIBRATION_DATA:
-            raise ValueError(f"unknown calibration data {self.data!r}; known: {sorted(CALIBRATION_DATA)}")
+        check_corpus(self.data)
         if self.validate_windows < 1:
             raise ValueError(f"validate_windows must be >= 1, got {self.validate_windows}")
 
@@ -243,10 +242,10 @@ def _load_checkpoint(checkpoint: Path, recipe: Recipe, gates: RetentionGates,
         raise ValueError(f"the checkpoint in {checkpoint} records no training settings (an older kvevict made "
                          "it); delete it (or pass --fresh) to start again")
     defaults = _training_settings(Recipe(model=recipe.model, steps=recipe.steps))  # fields older checkpoints lack
-    settings = {**defaults, **json.loads((checkpoint / "recipe.json").read_text())}
-    if settings != _training_settings(recipe):
+    settings, wanted = {**defaults, **json.loads((checkpoint / "recipe.json").read_text())}, _training_settings(recipe)
+    if settings != wanted:
         raise ValueError(f"the checkpoint in {checkpoint} was made with other settings ({settings}) than this "
-                         f"recipe ({_training_settings(recipe)}); delete it (or pass --fresh) to start again")
+                         f"recipe ({wanted}); delete it (or pass --fresh) to start again")
     history = json.loads((checkpoint / "history.json").read_text())
     if len(history) > recipe.steps:
         raise ValueError(f"the checkpoint in {checkpoint} has {len(history)} steps, more than the recipe's "

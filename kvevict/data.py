@@ -163,11 +163,18 @@ def nyt_articles(cache_dir: str | Path | None = None) -> list[str]:
     return ["\n\n".join(p["context"].strip() for p in article["paragraphs"]) for article in data]
 
 
-CALIBRATION_DATA = {
-    "shakespeare-plays": "eight Shakespeare plays (Project Gutenberg); held out: Henry V and Richard III",
-    "plays+nyt": "the eight plays and 4 in 5 of the New York Times articles of SQuAD-shifts; held out: Henry V, "
-                 "Richard III and every 5th article",
+CALIBRATION_DATA = {  # corpus: (what calibration trains on, what it holds out)
+    "shakespeare-plays": ("eight Shakespeare plays (Project Gutenberg)", "Henry V and Richard III"),
+    "plays+nyt": ("the eight plays and 4 in 5 of the New York Times articles of SQuAD-shifts",
+                  "Henry V, Richard III and every 5th article"),
 }
+
+
+def check_corpus(data: str) -> str:
+    """``data`` if it names a corpus of :data:`CALIBRATION_DATA`; else a ValueError naming them."""
+    if data not in CALIBRATION_DATA:
+        raise ValueError(f"unknown calibration data {data!r}; known: {sorted(CALIBRATION_DATA)}")
+    return data
 
 
 def calibration_text(data: str = "shakespeare-plays", cache_dir: str | Path | None = None) -> str:
@@ -186,8 +193,7 @@ def validation_text(data: str = "shakespeare-plays", cache_dir: str | Path | Non
 
 
 def _corpus(data: str, held_out: bool, cache_dir: str | Path | None) -> str:
-    if data not in CALIBRATION_DATA:
-        raise ValueError(f"unknown calibration data {data!r}; known: {sorted(CALIBRATION_DATA)}")
+    check_corpus(data)
     plays = _text(VALIDATION_PLAYS if held_out else SHAKESPEARE_PLAYS, cache_dir)
     if data == "shakespeare-plays":
         return plays
