@@ -4,7 +4,10 @@
 
 Query-agnostic: contexts are compressed in 512-token chunks before the question (or continuation)
 is appended with eviction paused. Fidelity: NLL increase, top-1 agreement and KL vs the full cache
-on the last ``--continuation`` tokens of essay windows of ``--length`` tokens. Needle: a 7-digit
+on the last ``--continuation`` tokens of ``--documents`` essay windows of ``--length`` tokens (that overlap
+no other where the essays have room: ``kvevict.evaluate.window_offsets``); the table ends with paired
+differences over the windows (± standard error) between each budget's lowest-KL policy and the others,
+which tell a real gap from the spread between windows. Needle: a 7-digit
 number at several depths of an essay haystack of exactly ``--length`` context tokens. Results go to
 ``bench/results/policies_<model>_<length>.{json,md}``; rerunning skips the rows already measured on at
 least ``--documents`` windows (rows on fewer are measured again and replaced); a results file holds one
@@ -92,7 +95,36 @@ def table(rows: list[dict], args: argparse.Namespace, minutes: float) -> str:
             f"| {r['policy']} | {budget} | {r.get('documents', 1)} | {r['nll_increase']:+.3f} | {r['top1_agreement']:.3f} | {r['kl']:.3f} | "
             f"{r['needle']:.2f} | {r['prefill_s']:.2f} | {r['prefill_s'] / full['prefill_s']:.2f}x | {r['kv_mb']:.1f} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + paired(rows)) + "\n"
+
+
+PAIRED = (("nll_increase", "NLL increase", -1), ("top1_agreement", "top-1 agree", 1), ("kl", "KL", -1))
+
+
+def paired(rows: list[dict]) -> list[str]:
+    """Markdown lines: at each budget, the policy with the lowest KL against every other policy measured on
+    the same windows (rows that keep per-window values; at least 2 windows): the mean difference of each
+    measure over the windows (its value minus theirs) ± its standard error, and on how many it was better."""
+    lines = []
+    for budget in sorted({r["budget"] for r in rows if r["budget"] is not None}):
+        at = [r for r in rows if r["budget"] == budget and r.get("documents", 1) >= 2 and "per_document" in r]
+        if len(at) < 2:
+            continue
+        best = min(at, key=lambda r: r["kl"])
+        for other in (r for r in at if r is not best and r["documents"] == best["documents"]):
+            cells = []
+            for key, _, sign in PAIRED:
+                diff = [a - b for a, b in zip(best["per_document"][key], other["per_document"][key])]
+                n, mean = len(diff), sum(diff) / len(diff)
+                se = (sum((d - mean) ** 2 for d in diff) / (n - 1) / n) ** 0.5
+                cells.append(f"{mean:+.4f} ± {se:.4f} ({sum(sign * d > 0 for d in diff)}/{n})")
+            lines.append(f"| {budget:.0%} | {best['policy']} | {other['policy']} | " + " | ".join(cells) + " |")
+    if not lines:
+        return []
+    return ["", "Paired over windows: at each budget the lowest-KL policy against each policy measured on the same "
+            "windows: mean difference (its value minus theirs) ± standard error over the windows, and on how many "
+            "windows it was better.", "", "| budget | policy | vs | " + " | ".join(name for _, name, _ in PAIRED) + " |",
+            "|---|---|---|---|---|---|", *lines]
 
 
 if __name__ == "__main__":

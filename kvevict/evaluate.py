@@ -107,10 +107,36 @@ class Workload:
     needles: list[Prompt]
 
 
+FIRST_WINDOWS = (50_000, 90_000, 130_000)  # token offsets of the first essay windows (of every table so far)
+
+
+def window_offsets(total: int, length: int, documents: int) -> list[int]:
+    """Start tokens of ``documents`` windows of ``length`` tokens in a text of ``total`` tokens: the first
+    ones at :data:`FIRST_WINDOWS` (wrapping around), each other one centred in the widest stretch of text
+    no window covers yet, so that more windows add independent text from all over it. Raises if the
+    text has no room for that many."""
+    offsets = [o % total for o in FIRST_WINDOWS[:documents]]
+    while len(offsets) < documents:
+        covered = sorted([(o, min(o + length, total)) for o in offsets]
+                         + [(0, o + length - total) for o in offsets if o + length > total])  # wrapped windows
+        gaps, end = [], 0
+        for start, stop in covered:
+            gaps.append((end, start))
+            end = max(end, stop)
+        lo, hi = max(gaps + [(end, total)], key=lambda g: g[1] - g[0])
+        if hi - lo < length:
+            raise ValueError(f"the essays hold {total} tokens: room for {len(offsets)} windows of {length} tokens, "
+                             f"not {documents} (more would overlap others)")
+        offsets.append((lo + hi - length) // 2)
+    return offsets
+
+
 def policy_workload(tok: PreTrainedTokenizerBase, length: int, continuation: int, documents: int,
                     depths: list[float]) -> Workload:
-    """The windows (fixed essay offsets) and needles (one seed per depth) of ``bench/policies.py``."""
-    docs = [torch.tensor([haystack_ids(tok, length, offset=50_000 + 40_000 * i)]) for i in range(documents)]
+    """The windows (:func:`window_offsets` of the essays) and needles (one seed per depth) of
+    ``bench/policies.py``."""
+    offsets = window_offsets(len(_essay_ids(tok)), length, documents)
+    docs = [torch.tensor([haystack_ids(tok, length, offset=o)]) for o in offsets]
     needles = [needle_prompt(tok, length, depth, seed=i) for i, depth in enumerate(depths)]
     return Workload(docs, length - continuation, needles)
 
@@ -130,6 +156,8 @@ def policy_row(model: str, length: int, policy: str, budget: float | None, fidel
         "top1_agreement": mean("top1_agreement"), "kl": mean("kl"),
         "needle": sum(hits) / len(hits), "needle_samples": len(hits),
         "prefill_s": mean("prefill_s"), "kv_mb": mean("kv_bytes") / 2**20,
+        "per_document": {"nll_increase": [f["nll"] - f["nll_full"] for f in fidelity],
+                         "top1_agreement": [f["top1_agreement"] for f in fidelity], "kl": [f["kl"] for f in fidelity]},
     }
 
 

@@ -10,7 +10,8 @@ import pytest
 from transformers import DynamicCache
 
 from kvevict import EvictionCache
-from kvevict.evaluate import fidelity, load_policy_table, needle_prompt, save_policy_rows, score_answer
+from kvevict.evaluate import (fidelity, load_policy_table, needle_prompt, policy_row, save_policy_rows, score_answer,
+                              window_offsets)
 from kvevict.models import load_model
 from conftest import prompt
 
@@ -86,3 +87,43 @@ print(before, during, peak_rss_mb())
     before, during, after = map(float, out.split())
     assert during - before > 50
     assert after < during - 50
+
+
+def test_ruler_means_cover_only_the_tasks_every_row_has():
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from ruler import common_tasks, overview
+
+    def row(task: str, policy: str, budget: float | None, score: float) -> dict:
+        return {"length": 8, "task": task, "policy": policy, "budget": budget, "score": score}
+
+    rows = [row("a", "full", None, 1.0), row("b", "full", None, 0.0), row("c", "full", None, 1.0),
+            row("a", "snapkv", 0.1, 0.5), row("b", "snapkv", 0.1, 0.0)]
+    assert common_tasks(rows, 8) == ["a", "b"]
+    table = overview(rows)
+    assert "| full | 0.50 | - |" in table and "| snapkv | - | 0.25 |" in table
+
+
+def test_more_windows_cover_new_text():
+    offsets = window_offsets(154_008, 16_384, 8)
+    assert offsets[:3] == [50_000, 90_000, 130_000]  # the windows of the tables measured on three
+    spans = sorted((o, o + 16_384) for o in offsets)
+    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:])) and spans[-1][1] <= 154_008
+    with pytest.raises(ValueError, match="room for 4 windows of 32768 tokens, not 8"):
+        window_offsets(154_008, 32_768, 8)
+
+
+def test_paired_differences_over_windows():
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from policies import paired
+
+    def row(policy: str, nll: list[float], kl: list[float], per_window: bool = True) -> dict:
+        fid = [{"nll_full": 1.0, "nll": 1.0 + x, "top1_agreement": 0.9, "kl": k, "prefill_s": 1.0, "kv_bytes": 1}
+               for x, k in zip(nll, kl)]
+        r = policy_row("m", 8, policy, 0.1, fid, [1.0])
+        return r if per_window else {k: v for k, v in r.items() if k != "per_document"}
+
+    lines = paired([row("a", [0.1, 0.2, 0.3], [0.1, 0.1, 0.1]), row("b", [0.2, 0.2, 0.5], [0.3, 0.2, 0.4]),
+                    row("old", [0.0, 0.0, 0.0], [0.0, 0.0, 0.0], per_window=False)])
+    assert lines[-1] == ("| 10% | a | b | -0.1000 ± 0.0577 (2/3) | +0.0000 ± 0.0000 (0/3) | "
+                         "-0.2000 ± 0.0577 (3/3) |")
+    assert not any("old" in line for line in lines)  # a row without per-window values is not compared
