@@ -150,21 +150,21 @@ def summarize(log: Path, model: str) -> None:
              "the run (model weights included; '-' for rows recorded before it was measured), averaged over the tasks. "
              f"Compute: {minutes:.1f} min on a 2-core CPU, summed over the {len(records)} runs in this table."
              + (" Cells differ in their number of samples n (a later run added seeds to some): the mean over tasks "
-                "weighs each task's mean equally." if len({r["n"] for r in rows}) > 1 else "")
-             + "".join(f" At {length} tokens the means leave out {', '.join(left)}: not every row was run on them."
-                       for length in sorted({r["length"] for r in rows})
-                       if (left := sorted({r["task"] for r in rows if r["length"] == length} - set(common_tasks(rows, length))))),
-             ""]
-    lines += overview(rows)
-    for length in sorted({r["length"] for r in rows}):
+                "weighs each task's mean equally." if len({r["n"] for r in rows}) > 1 else "")]
+    shared = common_tasks(rows)
+    for length in sorted(shared):
+        left = sorted({r["task"] for r in rows if r["length"] == length} - set(shared[length]))
+        if left:
+            lines[-1] += f" At {length} tokens the means leave out {', '.join(left)}: not every row was run on them."
+    lines += [""] + overview(rows)
+    for length in sorted(shared):
         tasks = sorted({r["task"] for r in rows if r["length"] == length})
         configs = sorted({(r["policy"], r["budget"]) for r in rows if r["length"] == length}, key=lambda c: order(*c))
-        shared = common_tasks(rows, length)
         lines += [f"## {length} tokens", "", "| policy | budget | " + " | ".join(tasks) + " | mean | KV MB | prefill s "
                   "| decode ms | peak RSS MB |", "|---|---|" + "---|" * (len(tasks) + 5)]
         for policy, budget in configs:
             cells = {r["task"]: r for r in rows if (r["length"], r["policy"], r["budget"]) == (length, policy, budget)}
-            mean = {m: average([cells[t][m] for t in shared]) for m in METRICS}
+            mean = {m: average([cells[t][m] for t in shared[length]]) for m in METRICS}
             rss = "-" if mean["peak_rss_mb"] is None else f"{mean['peak_rss_mb']:.0f}"
             lines.append(f"| {policy} | {'-' if budget is None else f'{budget:.0%}'} | "
                          + " | ".join(f"{cells[t]['score']:.2f} (n={cells[t]['n']})" if t in cells else "-" for t in tasks)
@@ -188,20 +188,19 @@ def average(values: list[float | None]) -> float | None:
     return None if any(v is None for v in values) else sum(values) / len(values)
 
 
-def common_tasks(rows: list[dict], length: int) -> list[str]:
-    """The tasks every (policy, budget) at ``length`` was run on: the means are taken over these alone,
-    so that rows run on more tasks stay comparable with the others."""
-    tasks: dict[tuple, set[str]] = defaultdict(set)
+def common_tasks(rows: list[dict]) -> dict[int, list[str]]:
+    """Per length, the tasks every (policy, budget) was run on: the means are taken over these alone, so
+    that rows run on more tasks stay comparable with the others."""
+    tasks: dict[int, dict[tuple, set[str]]] = defaultdict(lambda: defaultdict(set))
     for r in rows:
-        if r["length"] == length:
-            tasks[(r["policy"], r["budget"])].add(r["task"])
-    return sorted(set.intersection(*tasks.values()))
+        tasks[r["length"]][(r["policy"], r["budget"])].add(r["task"])
+    return {length: sorted(set.intersection(*configs.values())) for length, configs in tasks.items()}
 
 
 def overview(rows: list[dict]) -> list[str]:
     """Markdown lines: the mean score over the common tasks per policy (rows) and length x budget (columns)."""
     mean: dict[tuple, list[float]] = defaultdict(list)
-    shared = {length: common_tasks(rows, length) for length in {r["length"] for r in rows}}
+    shared = common_tasks(rows)
     for r in rows:
         if r["task"] in shared[r["length"]]:
             mean[(r["policy"], r["length"], r["budget"])].append(r["score"])
@@ -222,18 +221,18 @@ def order(policy: str, budget: float | None) -> tuple:
 
 def plot(rows: list[dict], path: Path) -> None:
     """Score vs budget per task (and the mean over tasks) at each length; kvpress dashed."""
-    lengths = sorted({r["length"] for r in rows})
+    shared = common_tasks(rows)
+    lengths = sorted(shared)
     tasks = sorted({r["task"] for r in rows}) + ["mean"]
     fig, axes = plt.subplots(len(lengths), len(tasks), figsize=(2.6 * len(tasks), 2.6 * len(lengths)), squeeze=False)
     names = sorted({r["policy"] for r in rows if r["policy"] != "full"}, key=lambda p: order(p, 0))
     colors = {p: plt.cm.tab20(i % 20) for i, p in enumerate(names)}
     for axrow, length in zip(axes, lengths):
         at = [r for r in rows if r["length"] == length]
-        shared = common_tasks(rows, length)
         for ax, task in zip(axrow, tasks):
             cells = defaultdict(list)  # (policy, budget) -> scores
             for r in at:
-                if task == r["task"] or (task == "mean" and r["task"] in shared):
+                if task == r["task"] or (task == "mean" and r["task"] in shared[length]):
                     cells[(r["policy"], r["budget"])].append(r["score"])
             for policy in sorted({p for p, _ in cells if p != "full"}, key=lambda p: order(p, 0)):
                 pts = sorted((b, sum(v) / len(v)) for (p, b), v in cells.items() if p == policy)

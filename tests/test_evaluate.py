@@ -98,7 +98,7 @@ def test_ruler_means_cover_only_the_tasks_every_row_has():
 
     rows = [row("a", "full", None, 1.0), row("b", "full", None, 0.0), row("c", "full", None, 1.0),
             row("a", "snapkv", 0.1, 0.5), row("b", "snapkv", 0.1, 0.0)]
-    assert common_tasks(rows, 8) == ["a", "b"]
+    assert common_tasks(rows) == {8: ["a", "b"]}
     table = overview(rows)
     assert "| full | 0.50 | - |" in table and "| snapkv | - | 0.25 |" in table
 
