@@ -89,17 +89,16 @@ print(before, during, peak_rss_mb())
     assert after < during - 50
 
 
-def test_ruler_means_cover_only_the_tasks_every_row_has():
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-    from ruler import common_tasks, overview
+def test_ruler_means_cover_only_the_tasks_every_row_has(bench_script):
+    ruler = bench_script("ruler")
 
     def row(task: str, policy: str, budget: float | None, score: float) -> dict:
         return {"length": 8, "task": task, "policy": policy, "budget": budget, "score": score}
 
     rows = [row("a", "full", None, 1.0), row("b", "full", None, 0.0), row("c", "full", None, 1.0),
             row("a", "snapkv", 0.1, 0.5), row("b", "snapkv", 0.1, 0.0)]
-    assert common_tasks(rows) == {8: ["a", "b"]}
-    table = overview(rows)
+    assert ruler.common_tasks(rows) == {8: ["a", "b"]}
+    table = ruler.overview(rows)
     assert "| full | 0.50 | - |" in table and "| snapkv | - | 0.25 |" in table
 
 
@@ -112,9 +111,8 @@ def test_more_windows_cover_new_text():
         window_offsets(154_008, 32_768, 8)
 
 
-def test_paired_differences_over_windows():
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-    from policies import paired
+def test_paired_differences_over_windows(bench_script):
+    paired = bench_script("policies").paired
 
     def row(policy: str, nll: list[float], kl: list[float], per_window: bool = True) -> dict:
         fid = [{"nll_full": 1.0, "nll": 1.0 + x, "top1_agreement": 0.9, "kl": k, "prefill_s": 1.0, "kv_bytes": 1}
