@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 from transformers import DynamicCache
 
-from kvevict import EvictionCache
+from kvevict import EvictionCache, with_cache
 from kvevict.data import images as real_images
 from kvevict.evaluate import kv_bytes
 from kvevict.tiny_vlms import FAMILIES, SIZE
@@ -58,7 +58,7 @@ def measure(model, inputs: dict, make_cache, new_tokens: int) -> dict:
         if isinstance(cache, EvictionCache):
             cache.prepare(inputs)
         start = time.perf_counter()
-        model.generate(**inputs, past_key_values=cache, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        model.generate(**inputs, **with_cache(model, cache), max_new_tokens=n, min_new_tokens=n, do_sample=False)
         times[n] = time.perf_counter() - start
     row = {"prefill_s": round(times[1], 4), "decode_ms": round(1000 * (times[new_tokens] - times[1]) / (new_tokens - 1), 2),
            "kv_bytes": kv_bytes(cache)}

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
-from kvevict import EvictionCache  # noqa: E402
+from kvevict import EvictionCache, with_cache  # noqa: E402
 from kvevict.evaluate import kv_bytes  # noqa: E402
 from kvevict.models import load_model  # noqa: E402
 
@@ -46,14 +46,14 @@ def run(model, ids: torch.Tensor, new_cache: Callable[[], Any], chunk: int | Non
         cache = new_cache()
         start = time.perf_counter()
         for part in ids.split(chunk or ids.shape[1], dim=-1):
-            logits = model(part, past_key_values=cache, logits_to_keep=1).logits
+            logits = model(part, **with_cache(model, cache), logits_to_keep=1).logits
         prefills.append(time.perf_counter() - start)
     prefill = sorted(prefills)[len(prefills) // 2]
     token = logits[:, -1:].argmax(-1)
     times = []
     for _ in range(steps):
         t = time.perf_counter()
-        token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+        token = model(token, **with_cache(model, cache)).logits[:, -1:].argmax(-1)
         times.append(time.perf_counter() - t)
     times = sorted(times[2:])  # drop warm-up steps; report the median
     return {"prefill_s": round(prefill, 3), "decode_ms": round(1000 * times[len(times) // 2], 2),

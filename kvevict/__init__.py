@@ -2,6 +2,7 @@
 
 from .attention import ATTN_IMPLEMENTATION, register
 from .cache import EvictionCache, EvictingLayer, Protection
+from .compat import with_cache
 from .models import load_model
 from .policy import Budget, Policy, available_policies, resolve_policy
 
@@ -17,4 +18,5 @@ __all__ = [
     "available_policies",
     "load_model",
     "resolve_policy",
+    "with_cache",
 ]

@@ -9,6 +9,7 @@ import torch
 from transformers import DynamicCache
 
 from .cache import EvictionCache
+from .compat import with_cache
 from .data import essay_document
 from .evaluate import kv_bytes
 from .models import load_model
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
         cache = make_cache()  # an EvictionCache switches the model to kvevict attention
         start = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(**ids, past_key_values=cache, max_new_tokens=24, do_sample=False,
+            out = model.generate(**ids, **with_cache(model, cache), max_new_tokens=24, do_sample=False,
                                  prefill_chunk_size=args.chunk)
         seconds = time.perf_counter() - start
         answer = tok.decode(out[0, n:], skip_special_tokens=True).strip()

@@ -19,6 +19,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from .cache import EvictionCache
+from .compat import with_cache
 from .data import essays_text
 from .rss import peak_rss_mb, reset_peak_rss
 
@@ -215,7 +216,7 @@ def kv_bytes(cache) -> int:
 def prefill(model: PreTrainedModel, ids: torch.Tensor, cache, chunk: int) -> None:
     """Feed ``ids`` ``[1, n]`` into ``cache`` in chunks (logits only for the last token of each)."""
     for part in ids.split(chunk, dim=-1):
-        model(part, past_key_values=cache, logits_to_keep=1)
+        model(part, **with_cache(model, cache), logits_to_keep=1)
 
 
 @dataclass(frozen=True)
@@ -241,7 +242,7 @@ def answer(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt: Prompt,
         cache.pause_eviction(True)
     ids = torch.cat([prompt.context, prompt.question], dim=-1)
     start = time.perf_counter()
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, do_sample=False,
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), **with_cache(model, cache), do_sample=False,
                          max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id or tok.eos_token_id)
     new = out[0, ids.shape[1]:]
     decode_ms = 1000 * (time.perf_counter() - start) / max(len(new), 1)
@@ -276,7 +277,7 @@ def continuation_logits(model: PreTrainedModel, ids: torch.Tensor, prefix: int, 
     held = kv_bytes(cache)
     if isinstance(cache, EvictionCache):
         cache.pause_eviction(True)
-    return model(ids[:, prefix:], past_key_values=cache).logits[0].float(), seconds, held
+    return model(ids[:, prefix:], **with_cache(model, cache)).logits[0].float(), seconds, held
 
 
 def fidelity(model: PreTrainedModel, ids: torch.Tensor, prefix: int, make_cache: Callable[[], object],

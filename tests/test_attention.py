@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from kvevict import EvictionCache
+from kvevict import EvictionCache, with_cache
 from kvevict.attention import attend, attend_per_head, attend_varlen, build_mask
 from conftest import prompt
 
@@ -26,7 +26,7 @@ def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None, caus
 def test_varlen_packing_matches_masked_sdpa(llama):
     # head-wise budgets leave heads with different numbers of entries (holes in the padded layout)
     cache = EvictionCache(llama, "adakv:snapkv", budget=10, sinks=2, recent=4, slack=0)
-    llama(prompt(50), past_key_values=cache)
+    llama(prompt(50), **with_cache(llama, cache))
     layer = cache.layers[1]
     assert layer.kv.has_holes
     g = torch.Generator().manual_seed(0)
@@ -51,12 +51,12 @@ def test_prefill_chunk_fast_paths_match_the_general_mask(llama):
         cache, twin = (EvictionCache(llama, policy, budget=10, sinks=2, recent=4, slack=0) for _ in range(2))
         ids = prompt(56)
         for c in (cache, twin):
-            llama(ids[:, :40], past_key_values=c)
+            llama(ids[:, :40], **with_cache(llama, c))
         held = torch.cat([layer.kv.positions.flatten() for layer in cache.layers])
         assert cache.layers[0].kv.has_holes == (policy != "snapkv")
         gone = next(p for p in range(40) if p not in held.tolist())
-        fast = llama(ids[:, 40:], past_key_values=cache).logits
+        fast = llama(ids[:, 40:], **with_cache(llama, cache)).logits
         mask = torch.ones_like(ids)
         mask[0, gone] = 0
-        general = llama(ids[:, 40:], attention_mask=mask, past_key_values=twin).logits
+        general = llama(ids[:, 40:], attention_mask=mask, **with_cache(llama, twin)).logits
         assert torch.allclose(fast, general, atol=1e-5)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from kvevict import EvictionCache
+from kvevict import EvictionCache, with_cache
 from conftest import prompt, tiny_gemma3, tiny_llama
 
 GREEDY = dict(do_sample=False, max_new_tokens=24)
@@ -14,7 +14,7 @@ GREEDY = dict(do_sample=False, max_new_tokens=24)
 
 def generate(model, ids, cache, **kw):
     mask = kw.pop("attention_mask", torch.ones_like(ids))
-    return model.generate(ids, attention_mask=mask, past_key_values=cache, **{**GREEDY, **kw})
+    return model.generate(ids, attention_mask=mask, **with_cache(model, cache), **{**GREEDY, **kw})
 
 
 @pytest.mark.parametrize("factory", [tiny_llama, tiny_gemma3], ids=["llama", "gemma3"])
@@ -32,19 +32,19 @@ def test_eviction_changes_output_and_bounds_every_step(llama):
     budget, slack = 16, 4
     cache = EvictionCache(llama, "streaming", budget=budget, sinks=2, recent=6, slack=slack)
     ids = prompt(50)
-    out = llama(ids, past_key_values=cache)
+    out = llama(ids, **with_cache(llama, cache))
     for _ in range(30):
         stored = [layer.kv.counts() for layer in cache.layers]
         assert all(int(c.max()) <= budget + slack for c in stored)
         nxt = out.logits[:, -1:].argmax(-1)
-        out = llama(nxt, past_key_values=cache)
+        out = llama(nxt, **with_cache(llama, cache))
     assert cache.get_seq_length() == 80
     assert cache.stats()["evicted"] > 0
 
 
 def test_bytes_held_follow_entries(llama):
     cache = EvictionCache(llama, "streaming", budget=20, sinks=2, recent=4, slack=0)
-    llama(prompt(100), past_key_values=cache)
+    llama(prompt(100), **with_cache(llama, cache))
     stats = cache.stats()
     cfg = llama.config
     head_dim = cfg.hidden_size // cfg.num_attention_heads
@@ -57,7 +57,7 @@ def test_bytes_held_follow_entries(llama):
 
 def test_streaming_keeps_sinks_and_recent(llama):
     cache = EvictionCache(llama, "streaming", budget=10, sinks=3, recent=4, slack=0)
-    llama(prompt(30), past_key_values=cache)
+    llama(prompt(30), **with_cache(llama, cache))
     for layer in cache.layers:
         assert layer.kv.positions[0, 0].tolist() == [0, 1, 2] + list(range(23, 30))
 
@@ -67,11 +67,11 @@ def test_hand_loop_equals_generate_under_eviction(llama):
     kw = dict(budget=16, sinks=2, recent=4, slack=3)
     gen = generate(llama, ids, EvictionCache(llama, "streaming", **kw))
     cache = EvictionCache(llama, "streaming", **kw)
-    logits = llama(ids, past_key_values=cache).logits
+    logits = llama(ids, **with_cache(llama, cache)).logits
     tokens = [ids]
     for _ in range(GREEDY["max_new_tokens"]):
         tokens.append(logits[:, -1:].argmax(-1))
-        logits = llama(tokens[-1], past_key_values=cache).logits  # positions from cache.get_seq_length()
+        logits = llama(tokens[-1], **with_cache(llama, cache)).logits  # positions from cache.get_seq_length()
     assert torch.equal(torch.cat(tokens, -1), gen)
 
 
@@ -81,11 +81,11 @@ def test_chunked_prefill_bounds_memory_and_matches_generate(llama):
     gen = generate(llama, ids, EvictionCache(llama, "streaming", **kw), prefill_chunk_size=10)
     cache = EvictionCache(llama, "streaming", **kw)
     for chunk in ids.split(10, dim=-1):
-        logits = llama(chunk, past_key_values=cache).logits
+        logits = llama(chunk, **with_cache(llama, cache)).logits
         assert all(layer.kv.length <= 16 + 2 for layer in cache.layers)
     tokens = [ids, logits[:, -1:].argmax(-1)]
     for _ in range(GREEDY["max_new_tokens"] - 1):
-        tokens.append(llama(tokens[-1], past_key_values=cache).logits[:, -1:].argmax(-1))
+        tokens.append(llama(tokens[-1], **with_cache(llama, cache)).logits[:, -1:].argmax(-1))
     assert torch.equal(torch.cat(tokens, -1), gen)
 
 
@@ -98,7 +98,7 @@ def test_inference_mode_prefill_then_generate(llama, policy):
     cache = EvictionCache(llama, policy, **kw)
     with torch.inference_mode():
         for chunk in ids[:, :40].split(20, dim=-1):
-            llama(chunk, past_key_values=cache)
+            llama(chunk, **with_cache(llama, cache))
     assert torch.equal(generate(llama, ids, cache), reference)
 
 
@@ -116,11 +116,11 @@ def test_multi_turn_feeds_only_new_tokens(llama):
     # the same conversation fed by hand, token by token after the first turn, gives the same tokens
     ref = EvictionCache(llama, "streaming", **kw)
     generate(llama, turn1, ref)
-    logits = llama(turn2[:, ref.get_seq_length():], past_key_values=ref).logits
+    logits = llama(turn2[:, ref.get_seq_length():], **with_cache(llama, ref)).logits
     tokens = [turn2]
     for _ in range(GREEDY["max_new_tokens"]):
         tokens.append(logits[:, -1:].argmax(-1))
-        logits = llama(tokens[-1], past_key_values=ref).logits
+        logits = llama(tokens[-1], **with_cache(llama, ref)).logits
     assert torch.equal(torch.cat(tokens, -1)[:, : out2.shape[1]], out2)
 
 
@@ -178,13 +178,13 @@ def test_crop_rolls_back_recent_tokens(llama):
     nxt = ids[:, 35:36]
     # without eviction, a crop is exact
     a, b = (EvictionCache(llama, "streaming", budget=512) for _ in range(2))
-    llama(ids, past_key_values=a)
+    llama(ids, **with_cache(llama, a))
     a.crop(-5)
-    llama(ids[:, :35], past_key_values=b)
-    assert torch.allclose(llama(nxt, past_key_values=a).logits, llama(nxt, past_key_values=b).logits)
+    llama(ids[:, :35], **with_cache(llama, b))
+    assert torch.allclose(llama(nxt, **with_cache(llama, a)).logits, llama(nxt, **with_cache(llama, b)).logits)
     # after eviction, the rolled-back tokens leave no entry behind
     c = EvictionCache(llama, "streaming", budget=16, sinks=2, recent=8, slack=0)
-    llama(ids, past_key_values=c)
+    llama(ids, **with_cache(llama, c))
     c.crop(-5)
     assert c.get_seq_length() == 35 and c.stats()["tokens_seen"] == [35]
     assert all(int(layer.kv.positions.max()) == 34 for layer in c.layers)
@@ -214,7 +214,7 @@ def test_sliding_layers_stay_sliding(gemma):
 
 def test_fraction_budget(llama):
     cache = EvictionCache(llama, "streaming", budget=0.25, sinks=2, recent=4, slack=0)
-    llama(prompt(200), past_key_values=cache)
+    llama(prompt(200), **with_cache(llama, cache))
     assert all(layer.kv.length == 50 for layer in cache.layers)
 
 
@@ -233,7 +233,7 @@ def test_assisted_decoding_on_sliding_window_model(gemma):
 
 def test_crop_counts_tokens_once_with_headwise_budgets(llama):
     cache = EvictionCache(llama, "adakv:snapkv", budget=12, sinks=2, recent=8, slack=0)
-    llama(prompt(60), past_key_values=cache)
+    llama(prompt(60), **with_cache(llama, cache))
     assert len({int(c) for layer in cache.layers for c in layer.kv.counts()[0]}) > 1  # heads differ
     cache.crop(-3)
     assert cache.stats()["tokens_seen"] == [57] and cache.get_seq_length() == 57
@@ -241,8 +241,8 @@ def test_crop_counts_tokens_once_with_headwise_budgets(llama):
 
 def test_headwise_budget_honours_slack(llama):
     cache = EvictionCache(llama, "adakv:snapkv", budget=12, sinks=2, recent=4, slack=6)
-    out = llama(prompt(40), past_key_values=cache)
+    out = llama(prompt(40), **with_cache(llama, cache))
     after_prefill = [layer.evicted for layer in cache.layers]
     for _ in range(5):  # 5 new tokens per head stay within the slack of 6
-        out = llama(out.logits[:, -1:].argmax(-1), past_key_values=cache)
+        out = llama(out.logits[:, -1:].argmax(-1), **with_cache(llama, cache))
     assert [layer.evicted for layer in cache.layers] == after_prefill

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import MambaConfig
 
-from kvevict import EvictionCache
+from kvevict import EvictionCache, with_cache
 from conftest import prompt, tiny_gemma3, tiny_llama
 
 
@@ -39,30 +39,32 @@ def test_model_without_attention_layers():
 
 def test_reuse_with_other_batch_size(llama):
     cache = EvictionCache(llama, budget=64)
-    llama(prompt(10), past_key_values=cache)
+    llama(prompt(10), **with_cache(llama, cache))
     with pytest.raises(ValueError, match="batch of 1 rows but got 2"):
-        llama(prompt(10, batch=2), past_key_values=cache)
+        llama(prompt(10, batch=2), **with_cache(llama, cache))
 
 
 def test_reuse_with_other_model(llama):
     cache = EvictionCache(llama, budget=64)
-    llama(prompt(10), past_key_values=cache)
+    llama(prompt(10), **with_cache(llama, cache))
     with pytest.raises(ValueError, match="another model"):
-        tiny_gemma3()(prompt(4), past_key_values=cache)
+        other = tiny_gemma3()
+        other(prompt(4), **with_cache(other, cache))
 
 
 def test_dtype_mismatch(llama):
     cache = EvictionCache(llama, budget=64)
-    llama(prompt(10), past_key_values=cache)
+    llama(prompt(10), **with_cache(llama, cache))
     with pytest.raises(ValueError, match="float32 on cpu but the cache holds torch.float64"):
-        tiny_llama().float()(prompt(4), past_key_values=cache)
+        other = tiny_llama().float()
+        other(prompt(4), **with_cache(other, cache))
 
 
 def test_model_not_using_kvevict_attention():
     model = tiny_llama()
     cache = EvictionCache(model.config, budget=64)
     with pytest.raises(RuntimeError, match="attn_implementation='kvevict'"):
-        model(prompt(5), past_key_values=cache)
+        model(prompt(5), **with_cache(model, cache))
 
 
 def test_kvevict_attention_without_eviction_cache_is_sdpa():

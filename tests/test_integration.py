@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from kvevict import EvictionCache
+from kvevict import EvictionCache, with_cache
 from kvevict.models import load_model
 
 pytestmark = pytest.mark.integration
@@ -30,9 +30,9 @@ def test_large_budget_is_token_identical_to_dynamic_cache(smollm, chat):
     model, _ = smollm
     kw = dict(max_new_tokens=20, do_sample=False)
     model.set_attn_implementation("sdpa")
-    reference = model.generate(**chat, past_key_values=DynamicCache(), **kw)
+    reference = model.generate(**chat, **with_cache(model, DynamicCache()), **kw)
     cache = EvictionCache(model, "streaming", budget=4096)
-    out = model.generate(**chat, past_key_values=cache, prefill_chunk_size=256, **kw)
+    out = model.generate(**chat, **with_cache(model, cache), prefill_chunk_size=256, **kw)
     assert torch.equal(out, reference)
     assert cache.stats()["evicted"] == 0
 
@@ -40,7 +40,7 @@ def test_large_budget_is_token_identical_to_dynamic_cache(smollm, chat):
 def test_small_budget_bounds_memory(smollm, chat):
     model, _ = smollm
     cache = EvictionCache(model, "streaming", budget=128, slack=16)
-    out = model.generate(**chat, past_key_values=cache, max_new_tokens=20, do_sample=False, prefill_chunk_size=128)
+    out = model.generate(**chat, **with_cache(model, cache), max_new_tokens=20, do_sample=False, prefill_chunk_size=128)
     stats = cache.stats()
     cfg = model.config
     assert stats["logical_length"] == out.shape[1] - 1 > chat["input_ids"].shape[1]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kvevict import EvictionCache, Policy
+from kvevict import EvictionCache, Policy, with_cache
 from kvevict import cache as cache_module
 from kvevict import policy as policy_module
 from kvevict.calibrate import Recipe, capacity_loss, calibrate
@@ -65,7 +65,7 @@ def test_learned_policy_drives_a_global_budget(calibrated):
     gates, loaded = load_gates(model.config, card)
     assert loaded.target_budget == 8
     cache = EvictionCache(model, Policy(LearnedRetention(gates), Global()), budget=12, sinks=2, recent=4, slack=2)
-    out = model.generate(prompt(60), past_key_values=cache, do_sample=False, max_new_tokens=10, prefill_chunk_size=16)
+    out = model.generate(prompt(60), **with_cache(model, cache), do_sample=False, max_new_tokens=10, prefill_chunk_size=16)
     assert out.shape[1] == 70
     stats = cache.stats()
     heads = model.config.num_key_value_heads
@@ -81,7 +81,7 @@ def test_learned_by_name_holds_a_balanced_global_budget(calibrated, monkeypatch)
     policy = policy_module.resolve_policy("learned", model.config)
     assert isinstance(policy.allocator, Global) and policy.allocator.balance
     cache = EvictionCache(model, "learned", budget=12, sinks=2, recent=4, slack=2)
-    model(prompt(60), past_key_values=cache)
+    model(prompt(60), **with_cache(model, cache))
     for layer in cache.layers:  # every head of a layer holds the same entries: no empty slot is stored
         assert not layer.kv.has_holes
     assert sum(layer.kv.length for layer in cache.layers) <= 2 * (12 + 2)
@@ -118,7 +118,7 @@ def test_decoding_entries_wait_for_a_batch_until_a_selection(calibrated):
     model, card, _ = calibrated
     gates, _ = load_gates(model.config, card)
     cache = EvictionCache(model, Policy(LearnedRetention(gates), Global()), budget=12, sinks=2, recent=4, slack=16)
-    model.generate(prompt(60), past_key_values=cache, do_sample=False, max_new_tokens=6, prefill_chunk_size=16)
+    model.generate(prompt(60), **with_cache(model, cache), do_sample=False, max_new_tokens=6, prefill_chunk_size=16)
     layer = cache.layers[0]
     waiting = sum(h.shape[1] for h in layer.unscored)
     assert waiting == 5  # the prefill was scored and evicted; the 5 decoding steps since wait
@@ -140,7 +140,7 @@ def test_batched_observation_equals_per_layer(calibrated, monkeypatch, beams):
 
     def run():
         cache = EvictionCache(model, Policy(LearnedRetention(gates), Global()), budget=12, sinks=2, recent=4, slack=8)
-        out = model.generate(prompt(60), past_key_values=cache, do_sample=False, max_new_tokens=10,
+        out = model.generate(prompt(60), **with_cache(model, cache), do_sample=False, max_new_tokens=10,
                              prefill_chunk_size=16, num_beams=beams)
         return out, cache
 
@@ -259,8 +259,8 @@ def test_caches_share_one_input_hook_per_attention_module(calibrated):
     for layer in model.model.layers:
         assert len(layer.self_attn._forward_pre_hooks) == 1
     ids = prompt(30)
-    first = model(ids, past_key_values=caches[0]).logits
-    assert torch.equal(model(ids, past_key_values=caches[1]).logits, first)
+    first = model(ids, **with_cache(model, caches[0])).logits
+    assert torch.equal(model(ids, **with_cache(model, caches[1])).logits, first)
     assert all("log_beta" in layer.kv.extra for layer in caches[1].layers)
 
 
@@ -270,7 +270,7 @@ def test_threshold_mode_keeps_entries_scoring_above_tau(calibrated):
     scorer = LearnedRetention(gates)
     tau = -3.0
     cache = EvictionCache(model, Policy(scorer, Threshold(tau)), budget=None, sinks=2, recent=4, slack=0)
-    model(prompt(60), past_key_values=cache)
+    model(prompt(60), **with_cache(model, cache))
     for layer in cache.layers:
         pos = layer.kv.positions
         score = scorer.score(layer.score_inputs())

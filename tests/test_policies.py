@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvevict import EvictionCache, Policy
+from kvevict import EvictionCache, Policy, with_cache
 from kvevict.policy import resolve_policy
 from kvevict.scoring import SCORERS, Scorer, ScoreInputs
 from kvevict.selection import AdaKV, Global, Pyramid, SelectionInputs, Threshold, Uniform, topk_per_head
@@ -38,7 +38,7 @@ def test_kept_set_is_top_of_scores(llama, name):
     budget = 12
     recorder = Recording(resolve_policy(name).scorer)
     cache = EvictionCache(llama, recorder, budget=budget, slack=0, **PROTECT)
-    llama(prompt(40, batch=2), past_key_values=cache)
+    llama(prompt(40, batch=2), **with_cache(llama, cache))
     assert len(recorder.calls) == llama.config.num_hidden_layers
     for layer in cache.layers:
         positions, scores, seen = recorder.calls[layer.layer_idx]
@@ -63,10 +63,10 @@ def test_padded_batch_equals_rows_alone(name):
     for i, r in enumerate(rows):
         ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
     gen = dict(do_sample=False, max_new_tokens=16)  # chunk boundaries would differ between batch and alone
-    batch = model.generate(ids, attention_mask=mask, past_key_values=EvictionCache(model, name, **kw), **gen)
+    batch = model.generate(ids, attention_mask=mask, **with_cache(model, EvictionCache(model, name, **kw)), **gen)
     for i, r in enumerate(rows):
         alone = model.generate(r[None], attention_mask=torch.ones_like(r[None]),
-                               past_key_values=EvictionCache(model, name, **kw), **gen)
+                               **with_cache(model, EvictionCache(model, name, **kw)), **gen)
         assert torch.equal(batch[i, width:], alone[0, len(r):]), f"row {i}"
 
 
@@ -75,7 +75,7 @@ def test_padded_batch_equals_rows_alone(name):
 def test_policies_run_through_generate(factory, name):
     model = factory()
     cache = EvictionCache(model, name, budget=16, slack=4, **PROTECT)
-    out = model.generate(prompt(50), past_key_values=cache, do_sample=False, max_new_tokens=12,
+    out = model.generate(prompt(50), **with_cache(model, cache), do_sample=False, max_new_tokens=12,
                          prefill_chunk_size=16)
     assert out.shape[1] == 62 and cache.stats()["evicted"] > 0
 
@@ -83,7 +83,7 @@ def test_policies_run_through_generate(factory, name):
 def test_pyramid_budgets_fall_with_depth():
     model = tiny_llama(layers=4)
     cache = EvictionCache(model, "pyramid:knorm", budget=20, slack=0, **PROTECT)
-    model(prompt(80), past_key_values=cache)
+    model(prompt(80), **with_cache(model, cache))
     lengths = [layer.kv.length for layer in cache.layers]
     assert lengths == sorted(lengths, reverse=True) and lengths[0] > 20 > lengths[-1]
     assert abs(sum(lengths) / len(lengths) - 20) <= 1
@@ -92,7 +92,7 @@ def test_pyramid_budgets_fall_with_depth():
 def test_adakv_headwise_budgets_and_real_memory(llama):
     budget = 16
     cache = EvictionCache(llama, Policy(SCORERS["snapkv"](), AdaKV(floor=0.25)), budget=budget, slack=0, **PROTECT)
-    llama(prompt(120), past_key_values=cache)
+    llama(prompt(120), **with_cache(llama, cache))
     full_bytes = 0
     for layer in cache.layers:
         counts = layer.kv.counts()[0]
@@ -107,7 +107,7 @@ def test_adakv_headwise_budgets_and_real_memory(llama):
 def test_global_budget_spans_layers():
     model = tiny_llama(layers=3)
     cache = EvictionCache(model, "global-zscore:knorm", budget=16, slack=0, **PROTECT)
-    model(prompt(90), past_key_values=cache)
+    model(prompt(90), **with_cache(model, cache))
     counts = [int(layer.kv.counts().sum()) for layer in cache.layers]
     heads = model.config.num_key_value_heads
     assert sum(counts) <= 3 * heads * 16 and len(set(counts)) > 1
@@ -120,11 +120,11 @@ def test_global_budget_holds_at_every_step_of_a_padded_batch():
     ids = prompt(40, batch=2)
     mask = torch.ones_like(ids)
     mask[1, :25] = 0  # the second row is left-padded: it stays under the budget for a while
-    model(ids, attention_mask=mask, past_key_values=cache)
+    model(ids, attention_mask=mask, **with_cache(model, cache))
     token = ids[:, -1:]
     for _ in range(30):
         mask = torch.cat([mask, torch.ones_like(token)], dim=-1)
-        model(token, attention_mask=mask, past_key_values=cache)
+        model(token, attention_mask=mask, **with_cache(model, cache))
         held = sum(layer.kv.counts().sum(-1) for layer in cache.layers)
         assert bool((held <= 3 * heads * (budget + slack)).all()), held.tolist()
     assert cache.stats()["evicted"] > 0
@@ -147,7 +147,7 @@ def test_global_floor_keeps_every_head_fed(llama, floor):
     budget, sinks, recent = 16, 2, 4
     cache = EvictionCache(llama, Policy(StarvedHead(), Global(floor=floor)), budget=budget, slack=0, sinks=sinks,
                           recent=recent)
-    llama(prompt(80), past_key_values=cache)
+    llama(prompt(80), **with_cache(llama, cache))
     for layer in cache.layers:
         starved = int(layer.kv.counts()[0, 0])
         assert starved == (sinks + recent if floor == 0 else budget // 2)
@@ -178,7 +178,7 @@ def test_balanced_global_budget_leaves_no_empty_slots(llama):
     caches = {name: EvictionCache(llama, Policy(StarvedHead(), Global(balance=name == "balanced")), budget=budget,
                                   slack=0, **PROTECT) for name in ("global", "balanced")}
     for cache in caches.values():
-        llama(prompt(80), past_key_values=cache)
+        llama(prompt(80), **with_cache(llama, cache))
     for layer in caches["balanced"].layers:
         assert not layer.kv.has_holes and layer.kv.length <= 2 * budget
     held = {name: sum(layer.kv.length for layer in cache.layers) for name, cache in caches.items()}
@@ -189,7 +189,7 @@ def test_threshold_keeps_scores_above_tau(llama):
     recorder = Recording(SCORERS["knorm"]())
     tau = -0.63  # about the median key norm of the tiny model
     cache = EvictionCache(llama, Policy(recorder, Threshold(tau)), budget=None, slack=8, **PROTECT)
-    llama(prompt(60), past_key_values=cache)
+    llama(prompt(60), **with_cache(llama, cache))
     for layer in cache.layers:
         positions, scores, seen = recorder.calls[layer.layer_idx]
         keep = (scores >= tau) | (positions < 2) | (positions >= seen - 4)
@@ -214,7 +214,7 @@ def test_policy_errors(llama):
                 SCORERS[name](window=window)
     with pytest.raises(ValueError, match="non-negative"):
         cache = EvictionCache(llama, Policy(SCORERS["knorm"](), Global("sum")), budget=10, slack=0, **PROTECT)
-        llama(prompt(40), past_key_values=cache)
+        llama(prompt(40), **with_cache(llama, cache))
 
 
 def test_registry_names_resolve():
@@ -241,9 +241,9 @@ def test_threshold_in_padded_batch_equals_rows_alone():
     for i, r in enumerate(rows):
         ids[i, 40 - len(r):], mask[i, 40 - len(r):] = r, 1
     gen = dict(do_sample=False, max_new_tokens=12)
-    batch = model.generate(ids, attention_mask=mask, past_key_values=make(), **gen)
+    batch = model.generate(ids, attention_mask=mask, **with_cache(model, make()), **gen)
     for i, r in enumerate(rows):
-        alone = model.generate(r[None], attention_mask=torch.ones_like(r[None]), past_key_values=make(), **gen)
+        alone = model.generate(r[None], attention_mask=torch.ones_like(r[None]), **with_cache(model, make()), **gen)
         assert torch.equal(batch[i, 40:], alone[0, len(r):]), f"row {i}"
 
 

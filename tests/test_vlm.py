@@ -10,7 +10,7 @@ import torch
 from transformers import DynamicCache
 
 from conftest import prompt, tiny_llama
-from kvevict import EvictionCache
+from kvevict import EvictionCache, with_cache
 from kvevict.policy import Policy, resolve_policy
 from kvevict.scoring import DART, ScoreInputs
 from kvevict.selection import Quota, SelectionInputs
@@ -26,7 +26,7 @@ def vlm(name: str):
 
 
 def generate(model, inputs, cache, max_new_tokens=8):
-    return model.generate(**inputs, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False)
+    return model.generate(**inputs, **with_cache(model, cache), max_new_tokens=max_new_tokens, do_sample=False)
 
 
 def full_layers(cache: EvictionCache):
@@ -56,7 +56,7 @@ def test_prepare_tags_exactly_the_image_placeholders(name):
     # wrapper tokens (vision start / end, BOI / EOI, <fake_token_around_image>) are text
     assert not image[ids != IMAGE].any()
     # the model accepts the hand-expanded inputs, and slot lookups give the tags of the stored positions
-    model(**inputs, past_key_values=cache)
+    model(**inputs, **with_cache(model, cache))
     for layer in cache.layers:
         pos = layer.kv.positions
         expected = image.gather(1, pos.clamp(min=0).flatten(1)).view_as(pos) & (pos >= 0)
@@ -198,7 +198,7 @@ def test_identical_images_lose_entries_before_the_distinct_one(name):
     which[ids == IMAGE] = torch.arange(4 * TOKENS_PER_IMAGE) // TOKENS_PER_IMAGE  # image index per position
     policy = Policy(DART(pivots=TOKENS_PER_IMAGE), Quota())
     cache = EvictionCache(model, policy, budget=36, slack=0, **KW).prepare(inputs)
-    model(**inputs, past_key_values=cache)
+    model(**inputs, **with_cache(model, cache))
     layer = cache.layers[0]
     for head in range(layer.kv.positions.shape[1]):
         w = which[kept(layer, 0, head)]
