@@ -7,7 +7,7 @@ context per length (speed does not depend on the text) and one hand-written loop
 prefills (the median is reported), then greedy decode; the median decode step is reported.
 ``plain-<budget>`` is the physical floor for decoding under a budget: a DynamicCache that only ever
 saw ``budget`` tokens. Evicting caches are
-prefilled in ``--chunk``-token chunks, the others in one pass. Writes ``bench/results/speed.{json,md,png}``.
+prefilled in ``--chunk``-token chunks, the others in one pass. Writes ``bench/results/speed_<model>.{json,md,png}``.
 """
 
 from __future__ import annotations
@@ -108,9 +108,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append(json.loads(out.strip().splitlines()[-1]))
         tqdm.write(json.dumps(rows[-1]))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "speed.json").write_text(json.dumps(rows, indent=1))
-    (RESULTS / "speed.md").write_text(table(rows, args.policies[0]) + "\n")
-    plot(rows, RESULTS / "speed.png")
+    stem = RESULTS / f"speed_{args.model}"
+    stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    stem.with_suffix(".md").write_text(table(rows, args.policies[0]) + "\n")
+    plot(rows, stem.with_suffix(".png"))
     print(table(rows, args.policies[0]))
     return rows
 
