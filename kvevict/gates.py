@@ -62,6 +62,11 @@ class Card:
     seconds: float
     metrics: dict = field(default_factory=dict)
     allocator: str = DEFAULT_ALLOCATOR  # chosen on held-out text at the end of calibration
+    attention_weight: float = 0.0  # weight of observed attention in the score, chosen with the allocator
+
+    def write(self, path: Path) -> None:
+        """Write the card as JSON to ``path``."""
+        path.write_text(json.dumps(asdict(self), indent=1) + "\n")
 
 
 class RetentionGates(nn.Module):
@@ -112,7 +117,7 @@ class RetentionGates(nn.Module):
         weights = {k: v.detach().half().contiguous() for k, v in self.state_dict().items()}
         save_file(weights, directory / f"{card.model}.safetensors")
         path = directory / f"{card.model}.json"
-        path.write_text(json.dumps(asdict(card), indent=1) + "\n")
+        card.write(path)
         return path
 
 

@@ -76,7 +76,7 @@ def _scorer(name: str, spec: str, config: PretrainedConfig | None) -> Scorer:
         if config is None:
             raise ValueError("the learned policy is calibrated per model: resolve it with the model's config")
         gates, card = load_gates(config)
-        return LearnedRetention(gates, default_allocator=card.allocator)
+        return LearnedRetention(gates, default_allocator=card.allocator, attention_weight=card.attention_weight)
     if name not in SCORERS:
         raise ValueError(f"unknown scorer {name!r} in policy {spec!r}; known: {available_policies()}")
     return SCORERS[name]()

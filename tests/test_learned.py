@@ -12,11 +12,12 @@ from safetensors.torch import load_file
 from kvevict import EvictionCache, Policy, with_cache
 from kvevict import cache as cache_module
 from kvevict import policy as policy_module
-from kvevict.calibrate import Recipe, capacity_loss, calibrate
+from kvevict.calibrate import Recipe, calibrate, capacity_loss, recheck
 from kvevict.gates import Fingerprint, RetentionGates, load_gates
 from kvevict.scoring.learned import LearnedRetention
+from kvevict.scoring.snapkv import SnapKV
 from kvevict.selection import Global, Pyramid, Threshold, Uniform
-from kvevict.validation import CANDIDATES, choose_allocator
+from kvevict.validation import ATTENTION_WEIGHTS, CANDIDATES, choose_defaults
 from conftest import prompt, tiny_gemma3, tiny_llama
 
 
@@ -87,7 +88,7 @@ def test_learned_by_name_holds_a_balanced_global_budget(calibrated, monkeypatch)
     assert sum(layer.kv.length for layer in cache.layers) <= 2 * (12 + 2)
 
 
-def test_calibration_chooses_the_allocator_on_held_out_text(calibrated, tmp_path, monkeypatch):
+def test_calibration_chooses_the_defaults_on_held_out_text(calibrated, tmp_path, monkeypatch):
     model, card, history = calibrated
     recipe = Recipe(model="tiny-llama", seq_len=64, budget=8, steps=40, lr=1e-2, width=16, validate_len=256)
     ids = torch.randint(2, 96, (4000,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -97,21 +98,65 @@ def test_calibration_chooses_the_allocator_on_held_out_text(calibrated, tmp_path
     assert again == history  # trained already: only the validation ran
     saved = json.loads(path.read_text())
     kl = saved["metrics"]["validation"]["kl"]
-    assert set(kl) == set(CANDIDATES) and all(v["kl"] > 0 for v in kl.values())  # 10% / 25% budgets do evict
-    assert saved["allocator"] == min(kl, key=lambda name: kl[name]["kl"])
+    assert all(v["kl"] > 0 for v in kl.values())  # 10% / 25% budgets do evict
+    allocator = min(CANDIDATES, key=lambda name: kl[name]["kl"])
+    weighted = [f"{allocator}, attention {w:g}" for w in ATTENTION_WEIGHTS]  # tried under the chosen allocator only
+    assert set(kl) == set(CANDIDATES) | set(weighted) and saved["allocator"] == allocator
+    best = min([(kl[allocator]["kl"], 0.0)] + [(kl[n]["kl"], w) for n, w in zip(weighted, ATTENTION_WEIGHTS)])
+    assert saved["attention_weight"] == best[1] and saved["metrics"]["validation"]["attention_weight"] == best[1]
     for allocator, kind in (("uniform", Uniform), ("pyramid", Pyramid), ("global-balanced", Global)):  # "learned" follows its card
-        path.write_text(json.dumps({**saved, "allocator": allocator}))
+        path.write_text(json.dumps({**saved, "allocator": allocator, "attention_weight": 0.5}))
         monkeypatch.setattr(policy_module, "load_gates", lambda config: load_gates(config, path))
-        assert type(policy_module.resolve_policy("learned", model.config).allocator) is kind
+        policy = policy_module.resolve_policy("learned", model.config)
+        assert type(policy.allocator) is kind and policy.scorer.attention_weight == 0.5
+        assert policy.scorer.query_window == 32  # observed attention needs the recent queries
         scorer = LearnedRetention(load_gates(model.config, path)[0], default_allocator=allocator)
         assert type(Policy(scorer).allocator) is kind  # a bare scorer follows its default too
+
+
+def test_recheck_rechooses_the_defaults_of_calibrated_gates(calibrated, tmp_path):
+    model, card, _ = calibrated
+    same = dict(model="tiny-llama", seq_len=64, budget=8, steps=40, lr=1e-2, width=16, validate_len=256)
+    held_out = torch.randint(2, 96, (600,), generator=torch.Generator().manual_seed(1)).tolist()
+    path = tmp_path / card.name
+    shutil.copy(card, path)
+    shutil.copy(card.with_suffix(".safetensors"), path.with_suffix(".safetensors"))
+    before = json.loads(path.read_text())
+    assert "validation" not in before["metrics"] and before["attention_weight"] == 0.0
+    recheck(model, path, held_out, Recipe(**same))
+    after = json.loads(path.read_text())
+    assert after["metrics"]["validation"]["windows"] == 2 and len(after["metrics"]["validation"]["kl"]) == 6
+    assert after["metrics"]["recipe"] == {**before["metrics"]["recipe"], "validate_len": 256}  # the check's own
+    assert {k: v for k, v in after["metrics"].items() if k not in ("validation", "recipe")} == {
+        k: v for k, v in before["metrics"].items() if k != "recipe"}
+    assert path.with_suffix(".safetensors").read_bytes() == card.with_suffix(".safetensors").read_bytes()
+    with pytest.raises(ValueError, match="other settings"):  # gates trained otherwise are not this recipe's
+        recheck(model, path, held_out, Recipe(**{**same, "budget": 16}))
+
+
+def test_observed_attention_adds_to_the_learned_score(calibrated):
+    model, card, _ = calibrated
+    gates, _ = load_gates(model.config, card)
+    alone, weighted = LearnedRetention(gates), LearnedRetention(gates, attention_weight=0.5, window=8)
+    assert alone.query_window == 0 and weighted.query_window == 8
+    cache = EvictionCache(model, Policy(weighted, Uniform()), budget=16, sinks=2, recent=4, slack=0)
+    model(prompt(60), **with_cache(model, cache))
+    assert cache.stats()["evicted"] > 0
+    for layer in cache.layers:
+        inputs = layer.score_inputs()
+        assert inputs.queries.shape[2] == 8
+        attention = SnapKV(8).score(inputs).clamp(min=1e-8)
+        torch.testing.assert_close(weighted.score(inputs), alone.score(inputs) + 0.5 * attention.log())
+    for bad in (-0.5, True, "0.5"):
+        with pytest.raises(ValueError, match="attention_weight must be a number >= 0"):
+            LearnedRetention(gates, attention_weight=bad)
 
 
 def test_validation_text_too_short_is_refused(calibrated):
     model, card, _ = calibrated
     gates, _ = load_gates(model.config, card)
     with pytest.raises(ValueError, match="validation needs 2 windows of 256 tokens, the text has 300"):
-        choose_allocator(model, gates, list(range(2, 302)), 256)
+        choose_defaults(model, gates, list(range(2, 302)), 256)
 
 
 def test_decoding_entries_wait_for_a_batch_until_a_selection(calibrated):
@@ -231,6 +276,7 @@ def test_cosine_schedule_decays_and_binds_the_length_of_the_run(calibrated, tmp_
 
 @pytest.mark.parametrize("change, match", [({"schedule": "linear"}, "unknown learning-rate schedule"),
                                            ({"data": "essays"}, "unknown calibration data"),
+                                           ({"validate_data": "essays"}, "unknown calibration data"),
                                            ({"validate_windows": 0}, "validate_windows")])
 def test_bad_recipes_are_refused(change, match):
     with pytest.raises(ValueError, match=match):

@@ -6,6 +6,11 @@ steps: ``(t + 1 - i) log beta + log(1 - beta^n) - log(1 - beta)`` (the entry's e
 retention over the next ``n`` steps). Scores share one scale across layers and heads, so the policy
 pairs with the global allocator (one budget for the whole model) or a threshold. Its default allocator
 is the one its calibration chose on held-out text (the card's ``allocator``).
+
+With ``attention_weight`` ``w > 0`` the gates' prior is combined with observed evidence: the score
+adds ``w log a_i``, where ``a_i`` is the attention entry ``i`` receives from the last ``window``
+queries (SnapKV's pooled estimate), so the policy then also reads those queries. The card's
+``attention_weight`` is chosen on held-out text by the same check as the allocator (0 = gates alone).
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ import torch
 
 from ..gates import DEFAULT_ALLOCATOR, RetentionGates
 from .base import Scorer, ScoreInputs
+from .snapkv import SnapKV
+
+ATTENTION_FLOOR = 1e-8  # attention below this counts as this (log of an entry no recent query sees)
 
 
 class LearnedRetention(Scorer):
@@ -23,8 +31,14 @@ class LearnedRetention(Scorer):
     needs_hidden = True
     scores_late = True
 
-    def __init__(self, gates: RetentionGates, lookahead: int = 0, default_allocator: str = DEFAULT_ALLOCATOR) -> None:
+    def __init__(self, gates: RetentionGates, lookahead: int = 0, default_allocator: str = DEFAULT_ALLOCATOR,
+                 attention_weight: float = 0.0, window: int = 32) -> None:
+        if isinstance(attention_weight, bool) or not isinstance(attention_weight, (int, float)) or attention_weight < 0:
+            raise ValueError(f"attention_weight must be a number >= 0, got {attention_weight!r}")
         self.gates, self.lookahead, self.default_allocator = gates, lookahead, default_allocator
+        self.attention_weight = float(attention_weight)
+        self.evidence = SnapKV(window) if attention_weight else None
+        self.query_window = self.evidence.query_window if self.evidence else 0
         self.placed = False
 
     @torch.no_grad()
@@ -61,4 +75,6 @@ class LearnedRetention(Scorer):
         if self.lookahead:
             score = score + torch.log1p(-torch.exp(self.lookahead * log_beta).clamp(max=1 - 1e-6))
             score = score - torch.log1p(-torch.exp(log_beta).clamp(max=1 - 1e-6))
+        if self.evidence is not None:
+            score = score + self.attention_weight * self.evidence.score(inputs).clamp(min=ATTENTION_FLOOR).log()
         return score
