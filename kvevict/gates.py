@@ -62,7 +62,6 @@ class Card:
     seconds: float
     metrics: dict = field(default_factory=dict)
     allocator: str = DEFAULT_ALLOCATOR  # chosen on held-out text at the end of calibration
-    attention_weight: float = 0.0  # weight of observed attention in the score, chosen with the allocator
 
     def write(self, path: Path) -> None:
         """Write the card as JSON to ``path``."""

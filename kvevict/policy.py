@@ -10,7 +10,7 @@ from transformers import PretrainedConfig
 
 from .gates import load_gates
 from .scoring import DART, SCORERS, CriticalKV, Scorer
-from .scoring.learned import LearnedRetention
+from .scoring.learned import LEARNED_SNAPKV, SNAPKV_WEIGHT, LearnedRetention
 from .selection import ALLOCATORS, Allocator, make_allocator
 
 CRITICAL = "critical-"
@@ -38,7 +38,7 @@ def available_policies() -> list[str]:
     names = sorted(SCORERS)
     critical = [f"{CRITICAL}{n}" for n in names if SCORERS[n].nonnegative]  # CriticalKV weighs attention mass
     return (names + critical + ["dart"] + [f"dart+{n}" for n in names]
-            + [LearnedRetention.name])
+            + [LearnedRetention.name, LEARNED_SNAPKV])
 
 
 def resolve_policy(spec: str | Policy | Scorer, config: PretrainedConfig | None = None) -> Policy:
@@ -49,7 +49,7 @@ def resolve_policy(spec: str | Policy | Scorer, config: PretrainedConfig | None 
     ``"dart+snapkv"`` (DART for image entries, StreamingLLM or SnapKV for text, under per-modality
     quotas by default), ``"learned"`` (the calibrated policy shipped for the model of ``config``, under
     the allocator its calibration chose: one balanced global budget, or fixed per-layer shares such as
-    PyramidKV's). A threshold needs its ``tau``: ``Policy(scorer, Threshold(tau))``.
+    PyramidKV's), ``"learned+snapkv"`` (the same gates plus observed attention, ``SNAPKV_WEIGHT``). A threshold needs its ``tau``: ``Policy(scorer, Threshold(tau))``.
     """
     if isinstance(spec, Policy):
         return spec
@@ -72,11 +72,12 @@ def _scorer(name: str, spec: str, config: PretrainedConfig | None) -> Scorer:
         return DART(_scorer(text, spec, config) if text else None)
     if name.startswith(CRITICAL):
         return CriticalKV(_scorer(name.removeprefix(CRITICAL), spec, config))
-    if name == LearnedRetention.name:
+    if name in (LearnedRetention.name, LEARNED_SNAPKV):
         if config is None:
             raise ValueError("the learned policy is calibrated per model: resolve it with the model's config")
         gates, card = load_gates(config)
-        return LearnedRetention(gates, default_allocator=card.allocator, attention_weight=card.attention_weight)
+        weight = SNAPKV_WEIGHT if name == LEARNED_SNAPKV else 0.0
+        return LearnedRetention(gates, default_allocator=card.allocator, attention_weight=weight)
     if name not in SCORERS:
         raise ValueError(f"unknown scorer {name!r} in policy {spec!r}; known: {available_policies()}")
     return SCORERS[name]()

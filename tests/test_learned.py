@@ -17,7 +17,7 @@ from kvevict.gates import Fingerprint, RetentionGates, load_gates
 from kvevict.scoring.learned import LearnedRetention
 from kvevict.scoring.snapkv import SnapKV
 from kvevict.selection import Global, Pyramid, Threshold, Uniform
-from kvevict.validation import ATTENTION_WEIGHTS, CANDIDATES, choose_defaults
+from kvevict.validation import CANDIDATES, choose_allocator
 from conftest import prompt, tiny_gemma3, tiny_llama
 
 
@@ -88,7 +88,7 @@ def test_learned_by_name_holds_a_balanced_global_budget(calibrated, monkeypatch)
     assert sum(layer.kv.length for layer in cache.layers) <= 2 * (12 + 2)
 
 
-def test_calibration_chooses_the_defaults_on_held_out_text(calibrated, tmp_path, monkeypatch):
+def test_calibration_chooses_the_allocator_on_held_out_text(calibrated, tmp_path, monkeypatch):
     model, card, history = calibrated
     recipe = Recipe(model="tiny-llama", seq_len=64, budget=8, steps=40, lr=1e-2, width=16, validate_len=256)
     ids = torch.randint(2, 96, (4000,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -98,23 +98,20 @@ def test_calibration_chooses_the_defaults_on_held_out_text(calibrated, tmp_path,
     assert again == history  # trained already: only the validation ran
     saved = json.loads(path.read_text())
     kl = saved["metrics"]["validation"]["kl"]
-    assert all(v["kl"] > 0 for v in kl.values())  # 10% / 25% budgets do evict
-    allocator = min(CANDIDATES, key=lambda name: kl[name]["kl"])
-    weighted = [f"{allocator}, attention {w:g}" for w in ATTENTION_WEIGHTS]  # tried under the chosen allocator only
-    assert set(kl) == set(CANDIDATES) | set(weighted) and saved["allocator"] == allocator
-    best = min([(kl[allocator]["kl"], 0.0)] + [(kl[n]["kl"], w) for n, w in zip(weighted, ATTENTION_WEIGHTS)])
-    assert saved["attention_weight"] == best[1] and saved["metrics"]["validation"]["attention_weight"] == best[1]
+    assert set(kl) == set(CANDIDATES) and all(v["kl"] > 0 for v in kl.values())  # 10% / 25% budgets do evict
+    assert saved["allocator"] == min(kl, key=lambda name: kl[name]["kl"])
     for allocator, kind in (("uniform", Uniform), ("pyramid", Pyramid), ("global-balanced", Global)):  # "learned" follows its card
-        path.write_text(json.dumps({**saved, "allocator": allocator, "attention_weight": 0.5}))
+        path.write_text(json.dumps({**saved, "allocator": allocator}))
         monkeypatch.setattr(policy_module, "load_gates", lambda config: load_gates(config, path))
-        policy = policy_module.resolve_policy("learned", model.config)
-        assert type(policy.allocator) is kind and policy.scorer.attention_weight == 0.5
-        assert policy.scorer.query_window == 32  # observed attention needs the recent queries
+        for name, weight in (("learned", 0.0), ("learned+snapkv", 0.5)):  # with observed attention too
+            policy = policy_module.resolve_policy(name, model.config)
+            assert type(policy.allocator) is kind and policy.scorer.attention_weight == weight
+            assert policy.scorer.query_window == (32 if weight else 0) and policy.scorer.name == name
         scorer = LearnedRetention(load_gates(model.config, path)[0], default_allocator=allocator)
         assert type(Policy(scorer).allocator) is kind  # a bare scorer follows its default too
 
 
-def test_recheck_rechooses_the_defaults_of_calibrated_gates(calibrated, tmp_path):
+def test_recheck_rechooses_the_allocator_of_calibrated_gates(calibrated, tmp_path):
     model, card, _ = calibrated
     same = dict(model="tiny-llama", seq_len=64, budget=8, steps=40, lr=1e-2, width=16, validate_len=256)
     held_out = torch.randint(2, 96, (600,), generator=torch.Generator().manual_seed(1)).tolist()
@@ -122,10 +119,10 @@ def test_recheck_rechooses_the_defaults_of_calibrated_gates(calibrated, tmp_path
     shutil.copy(card, path)
     shutil.copy(card.with_suffix(".safetensors"), path.with_suffix(".safetensors"))
     before = json.loads(path.read_text())
-    assert "validation" not in before["metrics"] and before["attention_weight"] == 0.0
+    assert "validation" not in before["metrics"]
     recheck(model, path, held_out, Recipe(**same))
     after = json.loads(path.read_text())
-    assert after["metrics"]["validation"]["windows"] == 2 and len(after["metrics"]["validation"]["kl"]) == 6
+    assert after["metrics"]["validation"]["windows"] == 2 and set(after["metrics"]["validation"]["kl"]) == set(CANDIDATES)
     assert after["metrics"]["recipe"] == {**before["metrics"]["recipe"], "validate_len": 256}  # the check's own
     assert {k: v for k, v in after["metrics"].items() if k not in ("validation", "recipe")} == {
         k: v for k, v in before["metrics"].items() if k != "recipe"}
@@ -156,7 +153,7 @@ def test_validation_text_too_short_is_refused(calibrated):
     model, card, _ = calibrated
     gates, _ = load_gates(model.config, card)
     with pytest.raises(ValueError, match="validation needs 2 windows of 256 tokens, the text has 300"):
-        choose_defaults(model, gates, list(range(2, 302)), 256)
+        choose_allocator(model, gates, list(range(2, 302)), 256)
 
 
 def test_decoding_entries_wait_for_a_batch_until_a_selection(calibrated):
