@@ -49,7 +49,8 @@ def resolve_policy(spec: str | Policy | Scorer, config: PretrainedConfig | None 
     ``"dart+snapkv"`` (DART for image entries, StreamingLLM or SnapKV for text, under per-modality
     quotas by default), ``"learned"`` (the calibrated policy shipped for the model of ``config``, under
     the allocator its calibration chose: one balanced global budget, or fixed per-layer shares such as
-    PyramidKV's), ``"learned+snapkv"`` (the same gates plus observed attention, ``SNAPKV_WEIGHT``). A threshold needs its ``tau``: ``Policy(scorer, Threshold(tau))``.
+    PyramidKV's), ``"learned+snapkv"`` (the same gates plus observed attention at ``SNAPKV_WEIGHT``). A
+    threshold needs its ``tau``: ``Policy(scorer, Threshold(tau))``.
     """
     if isinstance(spec, Policy):
         return spec

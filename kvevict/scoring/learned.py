@@ -41,7 +41,7 @@ class LearnedRetention(Scorer):
             raise ValueError(f"attention_weight must be a number >= 0, got {attention_weight!r}")
         self.gates, self.lookahead, self.default_allocator = gates, lookahead, default_allocator
         self.attention_weight = float(attention_weight)
-        self.name = LEARNED_SNAPKV if attention_weight else "learned"
+        self.name = LEARNED_SNAPKV if attention_weight else type(self).name
         self.evidence = SnapKV(window) if attention_weight else None
         self.query_window = self.evidence.query_window if self.evidence else 0
         self.placed = False
