@@ -7,6 +7,7 @@ to ``cache`` (the old name warns, and ``forward`` drops it in 5.40); earlier 5.x
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -14,7 +15,12 @@ import torch
 
 def cache_keyword(model: torch.nn.Module) -> str:
     """The name ``model.forward`` (and so ``generate``) takes the cache by: ``"cache"`` or ``"past_key_values"``."""
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    return _keyword(type(model))
+
+
+@functools.cache
+def _keyword(cls: type) -> str:  # once per model class: callers ask at every forward pass
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def with_cache(model: torch.nn.Module, cache: object) -> dict[str, object]:
