@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -139,8 +140,17 @@ def capacity_loss(log_betas: list[torch.Tensor], budget: int) -> torch.Tensor:
 
 
 def windows(ids: list[int], seq_len: int, rng: random.Random) -> torch.Tensor:
+    if len(ids) <= seq_len:
+        raise ValueError(f"calibration text of {len(ids)} tokens is too short for windows of {seq_len}")
     start = rng.randrange(len(ids) - seq_len)
     return torch.tensor([ids[start : start + seq_len]])
+
+
+def hardware(device: torch.device, threads: int) -> str:
+    """What a run on ``device`` ran on, for cards and reports (e.g. ``"NVIDIA H200"``)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{os.cpu_count()}-core CPU ({threads} threads)" if device.type == "cpu" else device.type
 
 
 def calibrate(model: PreTrainedModel, ids: list[int], recipe: Recipe, out: Path, data_name: str,
@@ -152,7 +162,8 @@ def calibrate(model: PreTrainedModel, ids: list[int], recipe: Recipe, out: Path,
     torch.manual_seed(recipe.seed)
     torch.set_num_threads(recipe.threads)
     model.requires_grad_(False).eval()
-    gates = RetentionGates(Fingerprint.of(model.config), width=recipe.width)
+    device = model.device
+    gates = RetentionGates(Fingerprint.of(model.config), width=recipe.width).to(device)
     optimizer = torch.optim.AdamW(gates.parameters(), lr=recipe.lr)
     history: list[dict] = []
     if checkpoint is not None and (checkpoint / "gates.safetensors").exists():
@@ -165,7 +176,7 @@ def calibrate(model: PreTrainedModel, ids: list[int], recipe: Recipe, out: Path,
     try:
         for step in tqdm(range(len(history), recipe.steps), desc="calibrate", initial=len(history),
                          total=recipe.steps):
-            batch = windows(ids, recipe.seq_len, rng)
+            batch = windows(ids, recipe.seq_len, rng).to(device)
             soft.active = False
             with torch.no_grad():
                 teacher = model(batch).logits.float().log_softmax(-1)
@@ -189,7 +200,7 @@ def calibrate(model: PreTrainedModel, ids: list[int], recipe: Recipe, out: Path,
                 checkpoint.mkdir(parents=True, exist_ok=True)
                 done = {"step": str(step + 1)}  # checked against the history when resuming
                 (checkpoint / "recipe.json").write_text(json.dumps(_training_settings(recipe)))
-                save_file({k: v.contiguous() for k, v in gates.state_dict().items()}, checkpoint / "gates.safetensors",
+                save_file({k: v.cpu().contiguous() for k, v in gates.state_dict().items()}, checkpoint / "gates.safetensors",
                           metadata=done)
                 save_file(_optimizer_tensors(optimizer), checkpoint / "optimizer.safetensors", metadata=done)
                 (checkpoint / "history.json").write_text(json.dumps(history))
@@ -203,7 +214,7 @@ def calibrate(model: PreTrainedModel, ids: list[int], recipe: Recipe, out: Path,
         metrics={"final_kl": sum(h["kl"] for h in tail) / len(tail),
                  "final_capacity": sum(h["capacity"] for h in tail) / len(tail),
                  "live_per_head_at_end_of_window": tail[-1]["live_per_head"],
-                 "recipe": asdict(recipe)},
+                 "recipe": asdict(recipe), "hardware": hardware(device, recipe.threads)},
     )
     if validation is not None:
         _check(model, gates.eval(), validation, recipe, card)
@@ -239,7 +250,7 @@ def _check(model: PreTrainedModel, gates: RetentionGates, validation: list[int],
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     """AdamW's per-parameter state as flat safetensors entries ``"<param index>.<name>"``."""
-    return {f"{i}.{name}": t.contiguous()
+    return {f"{i}.{name}": t.cpu().contiguous()
             for i, state in optimizer.state_dict()["state"].items() for name, t in state.items()}
 
 

@@ -113,7 +113,7 @@ class RetentionGates(nn.Module):
         """Write ``<model>.safetensors`` (float16 weights) and ``<model>.json`` into ``directory``; return
         the card path."""
         directory.mkdir(parents=True, exist_ok=True)
-        weights = {k: v.detach().half().contiguous() for k, v in self.state_dict().items()}
+        weights = {k: v.detach().half().cpu().contiguous() for k, v in self.state_dict().items()}
         save_file(weights, directory / f"{card.model}.safetensors")
         path = directory / f"{card.model}.json"
         card.write(path)

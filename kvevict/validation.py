@@ -35,7 +35,7 @@ def choose_allocator(model: PreTrainedModel, gates: RetentionGates, ids: list[in
         raise ValueError(f"validation needs {windows} windows of {length} tokens, the text has {len(ids)}")
     part = len(ids) // windows
     starts = [i * part + (part - length) // 2 for i in range(windows)]
-    docs = [torch.tensor([ids[s : s + length]]) for s in starts]
+    docs = [torch.tensor([ids[s : s + length]], device=model.device) for s in starts]
     prefix = length - min(512, length // 4)
     full = [continuation_logits(model, d, prefix, DynamicCache(config=model.config), chunk)[0] for d in docs]
     results: dict[str, dict] = {}

@@ -50,12 +50,12 @@ def prompt(n: int, batch: int = 1, seed: int = 1) -> torch.Tensor:
 
 
 @pytest.fixture(scope="session")
-def bench_script() -> Callable[[str], ModuleType]:
-    """Import ``bench/<name>.py`` by path (the bench scripts are not a package)."""
+def bench_script() -> Callable[..., ModuleType]:
+    """Import ``<folder>/<name>.py`` by path (``bench`` or ``calibration``: the scripts are not a package)."""
 
-    def load(name: str) -> ModuleType:
-        path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
-        spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    def load(name: str, folder: str = "bench") -> ModuleType:
+        path = Path(__file__).resolve().parent.parent / folder / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"{folder}_{name}", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module

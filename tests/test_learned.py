@@ -39,6 +39,24 @@ def test_calibration_lowers_the_loss_and_reaches_the_budget(calibrated):
     assert history[-1]["seconds"] < 120
     saved = json.loads(card.read_text())
     assert saved["model"] == "tiny-llama" and saved["steps"] == 40 and saved["fingerprint"]["layers"] == 2
+    assert saved["metrics"]["hardware"].endswith("CPU (2 threads)")  # what the calibration time was measured on
+
+
+def test_calibration_text_shorter_than_a_window_is_refused(calibrated, tmp_path):
+    model, _, _ = calibrated
+    with pytest.raises(ValueError, match="calibration text of 64 tokens is too short for windows of 64"):
+        calibrate(model, list(range(2, 66)), Recipe(model="tiny-llama", seq_len=64, steps=1), tmp_path, "short")
+
+
+def test_calibration_script_device_choice(bench_script):
+    script = bench_script("calibrate", folder="calibration")
+    assert script.pick_device("cpu") == torch.device("cpu")
+    assert script.pick_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(SystemExit, match="not a device name"):
+        script.pick_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="sees no CUDA device"):
+            script.pick_device("cuda")
 
 
 def test_calibration_resumes_from_checkpoint(calibrated, tmp_path):
