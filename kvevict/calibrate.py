@@ -140,8 +140,6 @@ def capacity_loss(log_betas: list[torch.Tensor], budget: int) -> torch.Tensor:
 
 
 def windows(ids: list[int], seq_len: int, rng: random.Random) -> torch.Tensor:
-    if len(ids) <= seq_len:
-        raise ValueError(f"calibration text of {len(ids)} tokens is too short for windows of {seq_len}")
     start = rng.randrange(len(ids) - seq_len)
     return torch.tensor([ids[start : start + seq_len]])
 
@@ -159,6 +157,8 @@ def calibrate(model: PreTrainedModel, ids: list[int], recipe: Recipe, out: Path,
     path and the loss history. Resumes from ``checkpoint`` (a directory) when it holds a run. With
     held-out token ids ``validation``, the card's allocator is chosen on them; else it stays the
     balanced global budget."""
+    if len(ids) <= recipe.seq_len:
+        raise ValueError(f"calibration text of {len(ids)} tokens is too short for windows of {recipe.seq_len}")
     torch.manual_seed(recipe.seed)
     torch.set_num_threads(recipe.threads)
     model.requires_grad_(False).eval()
