@@ -1,7 +1,7 @@
 """The check that ends a calibration: which allocator the learned policy should use by default.
 
-Gates are trained on short windows, so how their scores compare across layers at longer contexts is
-not trained, and a single global budget may share the memory out between layers worse than a fixed
+Gates may be trained on shorter windows than the contexts they serve, so how their scores compare
+across layers there is not trained, and a single global budget may share the memory out between layers worse than a fixed
 per-layer one (uniform, or PyramidKV's decreasing with depth; the learned scores still rank the
 entries inside each layer). Held-out text decides: each candidate allocator compresses windows of ``length``
 tokens to each budget, and the one whose continuation stays closest to the full cache (mean KL over
