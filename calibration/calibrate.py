@@ -110,9 +110,11 @@ def report(recipe: Recipe, history: list[dict] | None, card: dict, directory: Pa
         checked = (f"Allocator chosen on {v['windows']} held-out windows "
                    f"({CALIBRATION_DATA[v.get('data', recipe.data)][1]}) of {v['tokens_per_window']} tokens each, "
                    f"budgets 10% and 25%, mean KL: {kls} -> **{card['allocator']}** ({v['seconds'] / 60:.1f} min).\n\n")
+    weighting = (f"; tokens weighted by their need of distant context (long-range weight {recipe.long_range_weight:g}, "
+                 f"local window {recipe.local_window})" if recipe.long_range_weight else "")
     (directory / f"{recipe.model}.md").write_text(
         f"# Calibration of `{recipe.model}`\n\n"
-        f"Method: {card['method']}; data: {card['data']} ({trained_on}; held out: {held_out}); {recipe.steps} steps of {recipe.seq_len} tokens; "
+        f"Method: {card['method']}{weighting}; data: {card['data']} ({trained_on}; held out: {held_out}); {recipe.steps} steps of {recipe.seq_len} tokens; "
         f"target {recipe.budget} live entries per head; learning rate {recipe.lr:g} ({recipe.schedule}); {card['seconds'] / 60:.1f} min on "
         f"{m.get('hardware', f'a 2-core CPU ({recipe.threads} threads)')}.\n\n"
         f"Final (mean of last 10 steps): KL {m['final_kl']:.4f} nats/token, capacity hinge "

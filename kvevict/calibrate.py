@@ -3,11 +3,15 @@
 Only the gates learn. During training every attention logit gets the additive bias
 ``(t - i) log beta_i`` (entry ``i`` decays geometrically instead of being dropped), and the loss is
 
-    KL(frozen model || gated model)  +  lam * capacity,
+    sum_t w_t KL_t(frozen model || gated model) / sum_t w_t  +  lam * capacity,
     capacity = mean_t max(0, (S_t - L H M) / (L H (t + 1) - L H M)),  S_t = sum_{l,h} sum_{j<=t} beta_j^(t-j)
 
 ``S_t`` is the soft number of live entries over all full-attention layers ``L`` and KV heads ``H``;
-``M`` the target entries per head. Text windows are sampled (seeded) from general text, never from
+``M`` the target entries per head. The token weights are 1, or with a long-range weight ``a > 0``
+``w_t = 1 + a r_t / mean(r)``, where ``r_t = KL_t(frozen model || frozen model seeing only the last
+`local_window` tokens and the first 4)`` measures how much token ``t`` needs distant context: the
+tokens that recall something said long before (names, numbers, facts) count more than those any
+recent window predicts. Text windows are sampled (seeded) from general text, never from
 the benchmark data. Checkpoints (gates and AdamW's state as safetensors, the loss history and the
 training settings as JSON) make runs resumable: a resumed run continues with the same data order and
 optimizer state, so it ends where an uninterrupted run would.
@@ -37,6 +41,7 @@ from .validation import choose_allocator
 
 SOFT_ATTENTION = "kvevict_soft"
 SCHEDULES = ("constant", "cosine")
+SINKS = 4  # first tokens the local teacher of the long-range weights still sees
 
 
 @dataclass(frozen=True)
@@ -57,10 +62,16 @@ class Recipe:
     data: str = "shakespeare-plays"  # a corpus of kvevict.data.CALIBRATION_DATA
     validate_data: str | None = None  # the corpus whose held-out part the check reads (None: ``data``'s)
     schedule: str = "constant"  # learning rate: "constant", or "cosine" (decays to 0 over ``steps``)
+    long_range_weight: float = 0.0  # ``a`` of the token weights (0: every token counts the same)
+    local_window: int = 512  # recent tokens the local teacher of the long-range weights sees
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown learning-rate schedule {self.schedule!r}; known: {SCHEDULES}")
+        if not self.long_range_weight >= 0:
+            raise ValueError(f"long_range_weight must be >= 0, got {self.long_range_weight}")
+        if self.long_range_weight and not 0 < self.local_window < self.seq_len:
+            raise ValueError(f"local_window must lie between 0 and seq_len ({self.seq_len}), got {self.local_window}")
         check_corpus(self.data)
         check_corpus(self.held_out_data)
         if self.validate_windows < 1:
@@ -84,10 +95,12 @@ class Recipe:
 
 class SoftEviction:
     """Gated forward passes: hooks compute ``log beta`` from each full layer's attention input and
-    the registered ``kvevict_soft`` attention adds the decay bias. ``active`` False = plain causal."""
+    the registered ``kvevict_soft`` attention adds the decay bias. ``active`` False = plain causal;
+    ``local`` set (and not active) = every layer sees only the last ``local`` tokens and the first ``SINKS``."""
 
     def __init__(self, model: PreTrainedModel, gates: RetentionGates) -> None:
         self.gates, self.active, self.model = gates, False, model
+        self.local: int | None = None
         self.log_beta: dict[int, torch.Tensor] = {}
         self.previous = model.config._attn_implementation
         AttentionInterface.register(SOFT_ATTENTION, self.attention)
@@ -114,6 +127,8 @@ class SoftEviction:
         window = getattr(module, "sliding_window", None)
         if window:
             allowed &= age < window
+        if self.local and not self.active:
+            allowed &= (age < self.local) | (torch.arange(t, device=query.device) < SINKS)[None, :]
         if self.active and module.layer_idx in self.log_beta:
             logits = logits + age.clamp(min=0) * self.log_beta[module.layer_idx][:, :, None, None, :]
         probs = logits.masked_fill(~allowed, -torch.inf).softmax(-1)
@@ -137,6 +152,17 @@ def capacity_loss(log_betas: list[torch.Tensor], budget: int) -> torch.Tensor:
     full = slots * torch.arange(1, t + 1, device=live.device)
     room = (full - slots * budget).clamp(min=1)
     return torch.relu((live - slots * budget) / room).mean()
+
+
+def token_kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """Per-token ``KL(teacher || student)`` ``[B, T]`` from log-probabilities ``[B, T, V]``."""
+    return (teacher.exp() * (teacher - student)).sum(-1)
+
+
+def long_range_weights(reach: torch.Tensor, strength: float) -> torch.Tensor:
+    """Token weights ``1 + strength * r_t / mean(r)`` ``[B, T]`` from ``reach`` ``r`` ``[B, T]``
+    (each token's KL between the frozen model with the whole window and with a local one)."""
+    return 1 + strength * reach / reach.mean().clamp(min=1e-12)
 
 
 def windows(ids: list[int], seq_len: int, rng: random.Random) -> torch.Tensor:
@@ -180,11 +206,19 @@ def calibrate(model: PreTrainedModel, ids: list[int], recipe: Recipe, out: Path,
             soft.active = False
             with torch.no_grad():
                 teacher = model(batch).logits.float().log_softmax(-1)
+                weights = None
+                if recipe.long_range_weight:
+                    soft.local = recipe.local_window
+                    reach = token_kl(teacher, model(batch).logits.float().log_softmax(-1))
+                    soft.local = None
+                    weights = long_range_weights(reach, recipe.long_range_weight)
             soft.active, soft.log_beta = True, {}
             student = model(batch).logits.float().log_softmax(-1)
-            kl = (teacher.exp() * (teacher - student)).sum(-1).mean()
+            per_token = token_kl(teacher, student)
+            kl = per_token.mean()
+            fit = kl if weights is None else (weights * per_token).sum() / weights.sum()
             capacity = capacity_loss(list(soft.log_beta.values()), recipe.budget)
-            loss = kl + recipe.capacity_weight * capacity
+            loss = fit + recipe.capacity_weight * capacity
             optimizer.zero_grad()
             loss.backward()
             for group in optimizer.param_groups:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from kvevict import EvictionCache, Policy, with_cache
 from kvevict import cache as cache_module
 from kvevict import policy as policy_module
-from kvevict.calibrate import Recipe, calibrate, capacity_loss, recheck
+from kvevict.calibrate import SINKS, Recipe, SoftEviction, calibrate, capacity_loss, long_range_weights, recheck
 from kvevict.gates import Fingerprint, RetentionGates, load_gates
 from kvevict.scoring.learned import LearnedRetention
 from kvevict.scoring.snapkv import SnapKV
@@ -292,7 +292,10 @@ def test_cosine_schedule_decays_and_binds_the_length_of_the_run(calibrated, tmp_
 @pytest.mark.parametrize("change, match", [({"schedule": "linear"}, "unknown learning-rate schedule"),
                                            ({"data": "essays"}, "unknown calibration data"),
                                            ({"validate_data": "essays"}, "unknown calibration data"),
-                                           ({"validate_windows": 0}, "validate_windows")])
+                                           ({"validate_windows": 0}, "validate_windows"),
+                                           ({"long_range_weight": -1.0}, "long_range_weight must be >= 0"),
+                                           ({"long_range_weight": 1.0, "local_window": 0}, "local_window must lie"),
+                                           ({"long_range_weight": 1.0, "local_window": 512}, "local_window must lie")])
 def test_bad_recipes_are_refused(change, match):
     with pytest.raises(ValueError, match=match):
         Recipe(model="tiny-llama", **change)
@@ -338,3 +341,40 @@ def test_threshold_mode_keeps_entries_scoring_above_tau(calibrated):
         protected = (pos < 2) | (pos >= 60 - 4)
         assert bool(((score >= tau) | protected)[pos >= 0].all())
     assert 0 < cache.stats()["evicted"]
+
+
+def test_long_range_weights_favour_tokens_that_need_distant_context():
+    weights = long_range_weights(torch.tensor([[0.0, 1.0, 3.0]]), strength=1.0)
+    assert torch.allclose(weights, torch.tensor([[1.0, 1.75, 3.25]]))
+    assert torch.equal(long_range_weights(torch.zeros(1, 4), strength=2.0), torch.ones(1, 4))
+
+
+def test_local_teacher_sees_only_the_recent_window_and_the_sinks():
+    model = tiny_llama()  # 2 layers: position 40 reaches back to 40 - 2 * 7 = 26 through windows of 8
+    soft = SoftEviction(model, RetentionGates(Fingerprint.of(model.config), width=8))
+    ids = torch.randint(2, 96, (1, 48), generator=torch.Generator().manual_seed(1))
+    far, sink = ids.clone(), ids.clone()
+    far[0, 12] = (ids[0, 12] + 1) % 94 + 2
+    sink[0, SINKS - 1] = (ids[0, SINKS - 1] + 1) % 94 + 2
+    try:
+        with torch.no_grad():
+            soft.local = 8
+            local = [model(x).logits[0, 40] for x in (ids, far, sink)]
+            soft.local = None
+            whole = [model(x).logits[0, 40] for x in (ids, far)]
+    finally:
+        soft.close()
+    assert torch.allclose(local[0], local[1])  # token 12 is out of reach
+    assert not torch.allclose(local[0], local[2])  # the sinks are still seen
+    assert not torch.allclose(whole[0], whole[1])  # the whole window sees token 12
+
+
+def test_long_range_weighted_calibration_trains(calibrated, tmp_path):
+    model, _, history = calibrated
+    ids = torch.randint(2, 96, (4000,), generator=torch.Generator().manual_seed(0)).tolist()
+    recipe = Recipe(model="tiny-llama", seq_len=64, budget=8, steps=40, lr=1e-2, width=16, long_range_weight=2.0,
+                    local_window=16)
+    _, weighted = calibrate(model, ids, recipe, tmp_path, "random tokens")
+    loss = [h["kl"] + h["capacity"] for h in weighted]
+    assert sum(loss[-5:]) / 5 < 0.5 * sum(loss[:5]) / 5
+    assert weighted[0]["kl"] == history[0]["kl"] and weighted[-1]["kl"] != history[-1]["kl"]  # same start, other path
