@@ -154,6 +154,11 @@ def capacity_loss(log_betas: list[torch.Tensor], budget: int) -> torch.Tensor:
     return torch.relu((live - slots * budget) / room).mean()
 
 
+def log_probs(model: PreTrainedModel, batch: torch.Tensor) -> torch.Tensor:
+    """The model's next-token log-probabilities ``[B, T, V]`` (float32) for token ids ``[B, T]``."""
+    return model(batch).logits.float().log_softmax(-1)
+
+
 def token_kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
     """Per-token ``KL(teacher || student)`` ``[B, T]`` from log-probabilities ``[B, T, V]``."""
     return (teacher.exp() * (teacher - student)).sum(-1)
@@ -205,15 +210,15 @@ def calibrate(model: PreTrainedModel, ids: list[int], recipe: Recipe, out: Path,
             batch = windows(ids, recipe.seq_len, rng).to(device)
             soft.active = False
             with torch.no_grad():
-                teacher = model(batch).logits.float().log_softmax(-1)
+                teacher = log_probs(model, batch)
                 weights = None
                 if recipe.long_range_weight:
                     soft.local = recipe.local_window
-                    reach = token_kl(teacher, model(batch).logits.float().log_softmax(-1))
+                    reach = token_kl(teacher, log_probs(model, batch))
                     soft.local = None
                     weights = long_range_weights(reach, recipe.long_range_weight)
             soft.active, soft.log_beta = True, {}
-            student = model(batch).logits.float().log_softmax(-1)
+            student = log_probs(model, batch)
             per_token = token_kl(teacher, student)
             kl = per_token.mean()
             fit = kl if weights is None else (weights * per_token).sum() / weights.sum()
