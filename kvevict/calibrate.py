@@ -36,6 +36,7 @@ from tqdm import tqdm
 from transformers import AttentionInterface, PreTrainedModel
 
 from .data import check_corpus
+from .evaluate import token_kl
 from .gates import Card, Fingerprint, RetentionGates, load_gates
 from .validation import choose_allocator
 
@@ -157,11 +158,6 @@ def capacity_loss(log_betas: list[torch.Tensor], budget: int) -> torch.Tensor:
 def log_probs(model: PreTrainedModel, batch: torch.Tensor) -> torch.Tensor:
     """The model's next-token log-probabilities ``[B, T, V]`` (float32) for token ids ``[B, T]``."""
     return model(batch).logits.float().log_softmax(-1)
-
-
-def token_kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
-    """Per-token ``KL(teacher || student)`` ``[B, T]`` from log-probabilities ``[B, T, V]``."""
-    return (teacher.exp() * (teacher - student)).sum(-1)
 
 
 def long_range_weights(reach: torch.Tensor, strength: float) -> torch.Tensor:

@@ -265,6 +265,11 @@ class Fidelity:
         return self.nll - self.nll_full
 
 
+def token_kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """Per-token ``KL(teacher || student)`` ``[..., T]`` from log-probabilities ``[..., T, V]``."""
+    return (teacher.exp() * (teacher - student)).sum(-1)
+
+
 @torch.inference_mode()
 def continuation_logits(model: PreTrainedModel, ids: torch.Tensor, prefix: int, cache, chunk: int
                         ) -> tuple[torch.Tensor, float, int]:
@@ -292,5 +297,5 @@ def fidelity(model: PreTrainedModel, ids: torch.Tensor, prefix: int, make_cache:
     nll_full = -ref_lp.gather(-1, targets[:, None]).mean().item()
     nll = -lp.gather(-1, targets[:, None]).mean().item()
     agree = (ref_lp.argmax(-1) == lp.argmax(-1)).float().mean().item()
-    kl = (ref_lp.exp() * (ref_lp - lp)).sum(-1).mean().item()
+    kl = token_kl(ref_lp, lp).mean().item()
     return Fidelity(nll_full, nll, agree, kl, seconds, held)
