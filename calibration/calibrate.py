@@ -106,10 +106,13 @@ def report(recipe: Recipe, history: list[dict] | None, card: dict, directory: Pa
     checked = ""
     if "validation" in m:
         v = m["validation"]
-        kls = "; ".join(f"{name} {r['kl']:.4f}" for name, r in v["kl"].items())
+        kls = "; ".join(f"{name} {r['kl']:.4f}" + (f" (long-range {r['long_range_kl']:.4f})" if "long_range_kl" in r else "")
+                        for name, r in v["kl"].items())
         checked = (f"Allocator chosen on {v['windows']} held-out windows "
                    f"({CALIBRATION_DATA[v.get('data', recipe.data)][1]}) of {v['tokens_per_window']} tokens each, "
-                   f"budgets 10% and 25%, mean KL: {kls} -> **{card['allocator']}** ({v['seconds'] / 60:.1f} min).\n\n")
+                   f"budgets 10% and 25%, mean KL: {kls} -> **{card['allocator']}** ({v['seconds'] / 60:.1f} min). "
+                   "Long-range KL: each token's KL weighted by how much a StreamingLLM cache of its latest 512 "
+                   "tokens misses it (`kvevict.validation`).\n\n")
     weighting = (f"; tokens weighted by their need of distant context (long-range weight {recipe.long_range_weight:g}, "
                  f"local window {recipe.local_window})" if recipe.long_range_weight else "")
     (directory / f"{recipe.model}.md").write_text(

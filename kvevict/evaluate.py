@@ -292,10 +292,16 @@ def fidelity(model: PreTrainedModel, ids: torch.Tensor, prefix: int, make_cache:
     if reference is None:
         reference = continuation_logits(model, ids, prefix, DynamicCache(config=model.config), chunk)[0]
     logits, seconds, held = continuation_logits(model, ids, prefix, make_cache(), chunk)
-    targets = ids[0, prefix + 1 :]
+    nll_full, nll, agree, kl = compare_continuations(reference, logits, ids[0, prefix + 1 :])
+    return Fidelity(nll_full, nll, agree, kl.mean().item(), seconds, held)
+
+
+def compare_continuations(reference: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor
+                          ) -> tuple[float, float, float, torch.Tensor]:
+    """Continuation logits ``[n, V]`` of a compressed cache against the full cache's ``reference``, on
+    the next tokens ``targets`` ``[n - 1]``: mean NLL of each, top-1 agreement, per-token KL ``[n - 1]``."""
     ref_lp, lp = reference[:-1].log_softmax(-1), logits[:-1].log_softmax(-1)
     nll_full = -ref_lp.gather(-1, targets[:, None]).mean().item()
     nll = -lp.gather(-1, targets[:, None]).mean().item()
     agree = (ref_lp.argmax(-1) == lp.argmax(-1)).float().mean().item()
-    kl = token_kl(ref_lp, lp).mean().item()
-    return Fidelity(nll_full, nll, agree, kl, seconds, held)
+    return nll_full, nll, agree, token_kl(ref_lp, lp)

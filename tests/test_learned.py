@@ -17,7 +17,7 @@ from kvevict.gates import Fingerprint, RetentionGates, load_gates
 from kvevict.scoring.learned import LearnedRetention
 from kvevict.scoring.snapkv import SnapKV
 from kvevict.selection import Global, Pyramid, Threshold, Uniform
-from kvevict.validation import CANDIDATES, choose_allocator
+from kvevict.validation import CANDIDATES, choose_allocator, reach_weighted
 from conftest import prompt, tiny_gemma3, tiny_llama
 
 
@@ -117,6 +117,8 @@ def test_calibration_chooses_the_allocator_on_held_out_text(calibrated, tmp_path
     saved = json.loads(path.read_text())
     kl = saved["metrics"]["validation"]["kl"]
     assert set(kl) == set(CANDIDATES) and all(v["kl"] > 0 for v in kl.values())  # 10% / 25% budgets do evict
+    for v in kl.values():  # the long-range KL is reported per budget, and weighs tokens otherwise than the plain mean
+        assert set(v["long_range"]) == {"0.1", "0.25"} and v["long_range_kl"] > 0 and v["long_range_kl"] != v["kl"]
     assert saved["allocator"] == min(kl, key=lambda name: kl[name]["kl"])
     for allocator, kind in (("uniform", Uniform), ("pyramid", Pyramid), ("global-balanced", Global)):  # "learned" follows its card
         path.write_text(json.dumps({**saved, "allocator": allocator}))
@@ -165,6 +167,14 @@ def test_observed_attention_adds_to_the_learned_score(calibrated):
     for bad in (-0.5, True, "0.5"):
         with pytest.raises(ValueError, match="attention_weight must be a number >= 0"):
             LearnedRetention(gates, attention_weight=bad)
+
+
+def test_reach_weighted_kl_counts_tokens_by_their_reach():
+    kl = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert reach_weighted(kl, torch.ones(4)) == pytest.approx(2.5)  # equal reach: the plain mean
+    assert reach_weighted(kl, torch.tensor([0.0, 0.0, 1.0, 3.0])) == pytest.approx((3 + 12) / 4)
+    assert reach_weighted(kl, torch.tensor([-1e-7, 0.0, 0.0, 2.0])) == pytest.approx(4.0)  # rounding below 0 counts as 0
+    assert reach_weighted(kl, torch.zeros(4)) == 0.0  # no token needs distant text: nothing to lose
 
 
 def test_validation_text_too_short_is_refused(calibrated):
