@@ -31,6 +31,7 @@ from kvevict.calibrate import Recipe, calibrate, recheck  # noqa: E402
 from kvevict.data import CALIBRATION_DATA, calibration_text, validation_text  # noqa: E402
 from kvevict.fetch import default_cache_dir  # noqa: E402
 from kvevict.models import load_model  # noqa: E402
+from kvevict.validation import LOCAL  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -111,8 +112,8 @@ def report(recipe: Recipe, history: list[dict] | None, card: dict, directory: Pa
         checked = (f"Allocator chosen on {v['windows']} held-out windows "
                    f"({CALIBRATION_DATA[v.get('data', recipe.data)][1]}) of {v['tokens_per_window']} tokens each, "
                    f"budgets 10% and 25%, mean KL: {kls} -> **{card['allocator']}** ({v['seconds'] / 60:.1f} min). "
-                   "Long-range KL: each token's KL weighted by how much a StreamingLLM cache of its latest 512 "
-                   "tokens misses it (`kvevict.validation`).\n\n")
+                   f"Long-range KL: each token's KL weighted by how much a StreamingLLM cache of {LOCAL} entries "
+                   "(the first tokens and the latest) misses it (`kvevict.validation`).\n\n")
     weighting = (f"; tokens weighted by their need of distant context (long-range weight {recipe.long_range_weight:g}, "
                  f"local window {recipe.local_window})" if recipe.long_range_weight else "")
     (directory / f"{recipe.model}.md").write_text(
