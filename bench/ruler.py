@@ -19,7 +19,7 @@ import functools
 import json
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import matplotlib
@@ -152,10 +152,16 @@ def summarize(log: Path, model: str) -> None:
              + (" Cells differ in their number of samples n (a later run added seeds to some): the mean over tasks "
                 "weighs each task's mean equally." if len({r["n"] for r in rows}) > 1 else "")]
     shared = common_tasks(rows)
+    with_mean = complete(rows, shared)
     for length in sorted(shared):
         left = sorted({r["task"] for r in rows if r["length"] == length} - set(shared[length]))
         if left:
             lines[-1] += f" At {length} tokens the means leave out {', '.join(left)}: not every row was run on them."
+        partial = sorted({(r["policy"], r["budget"]) for r in rows if r["length"] == length
+                          and (length, r["policy"], r["budget"]) not in with_mean}, key=lambda c: order(*c))
+        if partial:
+            lines[-1] += (f" At {length} tokens these rows miss one of the tasks of the means and have none (their costs "
+                          f"average the tasks they ran): {', '.join(p if b is None else f'{p} @ {b:.0%}' for p, b in partial)}.")
     lines += [""] + overview(rows)
     for length in sorted(shared):
         tasks = sorted({r["task"] for r in rows if r["length"] == length})
@@ -164,11 +170,13 @@ def summarize(log: Path, model: str) -> None:
                   "| decode ms | peak RSS MB |", "|---|---|" + "---|" * (len(tasks) + 5)]
         for policy, budget in configs:
             cells = {r["task"]: r for r in rows if (r["length"], r["policy"], r["budget"]) == (length, policy, budget)}
-            mean = {m: average([cells[t][m] for t in shared[length]]) for m in METRICS}
+            whole = (length, policy, budget) in with_mean
+            mean = {m: average([cells[t][m] for t in (shared[length] if whole else cells)]) for m in METRICS}
             rss = "-" if mean["peak_rss_mb"] is None else f"{mean['peak_rss_mb']:.0f}"
+            score = f"**{mean['score']:.2f}**" if whole else "-"
             lines.append(f"| {policy} | {'-' if budget is None else f'{budget:.0%}'} | "
                          + " | ".join(f"{cells[t]['score']:.2f} (n={cells[t]['n']})" if t in cells else "-" for t in tasks)
-                         + f" | **{mean['score']:.2f}** | {mean['kv_mb']:.1f} | {mean['prefill_s']:.2f} | "
+                         + f" | {score} | {mean['kv_mb']:.1f} | {mean['prefill_s']:.2f} | "
                          f"{mean['decode_ms']:.1f} | {rss} |")
         lines.append("")
     if failed:
@@ -189,12 +197,26 @@ def average(values: list[float | None]) -> float | None:
 
 
 def common_tasks(rows: list[dict]) -> dict[int, list[str]]:
-    """Per length, the tasks every (policy, budget) was run on: the means are taken over these alone, so
-    that rows run on more tasks stay comparable with the others."""
+    """Per length, the tasks every (policy, budget) row run on the most-run tasks was run on: the means are
+    taken over these alone, so that rows run on more tasks stay comparable with the others; a row run on
+    only a few other tasks gets no mean."""
     tasks: dict[int, dict[tuple, set[str]]] = defaultdict(lambda: defaultdict(set))
     for r in rows:
         tasks[r["length"]][(r["policy"], r["budget"])].add(r["task"])
-    return {length: sorted(set.intersection(*configs.values())) for length, configs in tasks.items()}
+    shared = {}
+    for length, configs in tasks.items():
+        runs = Counter(t for ran in configs.values() for t in ran)
+        top = {t for t, n in runs.items() if n == max(runs.values())}
+        shared[length] = sorted(set.intersection(*(ran for ran in configs.values() if top <= ran)))
+    return shared
+
+
+def complete(rows: list[dict], shared: dict[int, list[str]]) -> set[tuple]:
+    """The (length, policy, budget) rows that were run on every task of ``shared`` at their length: the ones with a mean."""
+    ran: dict[tuple, set[str]] = defaultdict(set)
+    for r in rows:
+        ran[(r["length"], r["policy"], r["budget"])].add(r["task"])
+    return {config for config, tasks in ran.items() if set(shared[config[0]]) <= tasks}
 
 
 def overview(rows: list[dict]) -> list[str]:
@@ -204,6 +226,8 @@ def overview(rows: list[dict]) -> list[str]:
     for r in rows:
         if r["task"] in shared[r["length"]]:
             mean[(r["policy"], r["length"], r["budget"])].append(r["score"])
+    with_mean = complete(rows, shared)
+    mean = {(p, length, b): scores for (p, length, b), scores in mean.items() if (length, p, b) in with_mean}
     columns = sorted({(length, budget) for _, length, budget in mean}, key=lambda c: (c[0], c[1] or 0))
     policies = sorted({p for p, _, _ in mean}, key=lambda p: order(p, 0))
     head = " | ".join(f"{length} @ {'full' if b is None else f'{b:.0%}'}" for length, b in columns)
@@ -222,6 +246,7 @@ def order(policy: str, budget: float | None) -> tuple:
 def plot(rows: list[dict], path: Path) -> None:
     """Score vs budget per task (and the mean over tasks) at each length; kvpress dashed."""
     shared = common_tasks(rows)
+    with_mean = complete(rows, shared)
     lengths = sorted(shared)
     tasks = sorted({r["task"] for r in rows}) + ["mean"]
     fig, axes = plt.subplots(len(lengths), len(tasks), figsize=(2.6 * len(tasks), 2.6 * len(lengths)), squeeze=False)
@@ -234,6 +259,8 @@ def plot(rows: list[dict], path: Path) -> None:
             for r in at:
                 if task == r["task"] or (task == "mean" and r["task"] in shared[length]):
                     cells[(r["policy"], r["budget"])].append(r["score"])
+            if task == "mean":  # rows missing a shared task have no mean
+                cells = defaultdict(list, {(p, b): v for (p, b), v in cells.items() if (length, p, b) in with_mean})
             for policy in sorted({p for p, _ in cells if p != "full"}, key=lambda p: order(p, 0)):
                 pts = sorted((b, sum(v) / len(v)) for (p, b), v in cells.items() if p == policy)
                 ax.plot(*zip(*pts), marker="o", markersize=3, linestyle="--" if policy.startswith("kvpress:") else "-",

@@ -100,6 +100,12 @@ def test_ruler_means_cover_only_the_tasks_every_row_has(bench_script):
     assert ruler.common_tasks(rows) == {8: ["a", "b"]}
     table = ruler.overview(rows)
     assert "| full | 0.50 | - |" in table and "| snapkv | - | 0.25 |" in table
+    rows += [row("a", "tova", 0.1, 1.0), row("b", "tova", 0.1, 1.0), row("c", "h2o", 0.1, 1.0)]  # h2o: one task only
+    assert ruler.common_tasks(rows) == {8: ["a", "b"]}  # not the tasks of every row (none)
+    assert ruler.complete(rows, {8: ["a", "b"]}) == {(8, "full", None), (8, "snapkv", 0.1), (8, "tova", 0.1)}
+    table = ruler.overview(rows)
+    assert "| snapkv | - | 0.25 |" in table and "| tova | - | 1.00 |" in table
+    assert not any(line.startswith("| h2o |") for line in table)  # a row without the shared tasks has no mean
 
 
 def test_more_windows_cover_new_text():
