@@ -9,8 +9,8 @@ import torch
 from transformers import PretrainedConfig
 
 from .gates import load_gates
-from .scoring import DART, SCORERS, CriticalKV, Scorer
-from .scoring.learned import LEARNED_SNAPKV, SNAPKV_WEIGHT, LearnedRetention
+from .scoring import DART, SCORERS, CriticalKV, Scorer, SnapKV
+from .scoring.learned import EVIDENCE, EVIDENCE_WEIGHT, LearnedRetention
 from .selection import ALLOCATORS, Allocator, make_allocator
 
 CRITICAL = "critical-"
@@ -38,7 +38,7 @@ def available_policies() -> list[str]:
     names = sorted(SCORERS)
     critical = [f"{CRITICAL}{n}" for n in names if SCORERS[n].nonnegative]  # CriticalKV weighs attention mass
     return (names + critical + ["dart"] + [f"dart+{n}" for n in names]
-            + [LearnedRetention.name, LEARNED_SNAPKV])
+            + [LearnedRetention.name] + [f"{LearnedRetention.name}+{n}" for n in sorted(EVIDENCE)])
 
 
 def resolve_policy(spec: str | Policy | Scorer, config: PretrainedConfig | None = None) -> Policy:
@@ -49,8 +49,9 @@ def resolve_policy(spec: str | Policy | Scorer, config: PretrainedConfig | None 
     ``"dart+snapkv"`` (DART for image entries, StreamingLLM or SnapKV for text, under per-modality
     quotas by default), ``"learned"`` (the calibrated policy shipped for the model of ``config``, under
     the allocator its calibration chose: one balanced global budget, or fixed per-layer shares such as
-    PyramidKV's), ``"learned+snapkv"`` (the same gates plus observed attention at ``SNAPKV_WEIGHT``). A
-    threshold needs its ``tau``: ``Policy(scorer, Threshold(tau))``.
+    PyramidKV's), ``"learned+snapkv"`` / ``"learned+h2o"`` (the same gates plus observed attention,
+    SnapKV's or H2O's estimate, at ``EVIDENCE_WEIGHT``). A threshold needs its ``tau``:
+    ``Policy(scorer, Threshold(tau))``.
     """
     if isinstance(spec, Policy):
         return spec
@@ -73,12 +74,14 @@ def _scorer(name: str, spec: str, config: PretrainedConfig | None) -> Scorer:
         return DART(_scorer(text, spec, config) if text else None)
     if name.startswith(CRITICAL):
         return CriticalKV(_scorer(name.removeprefix(CRITICAL), spec, config))
-    if name in (LearnedRetention.name, LEARNED_SNAPKV):
+    learned, _, evidence = name.partition("+")
+    if learned == LearnedRetention.name and (not evidence or evidence in EVIDENCE):
         if config is None:
             raise ValueError("the learned policy is calibrated per model: resolve it with the model's config")
         gates, card = load_gates(config)
-        weight = SNAPKV_WEIGHT if name == LEARNED_SNAPKV else 0.0
-        return LearnedRetention(gates, default_allocator=card.allocator, attention_weight=weight)
+        weight = EVIDENCE_WEIGHT if evidence else 0.0
+        return LearnedRetention(gates, default_allocator=card.allocator, attention_weight=weight,
+                                evidence=evidence or SnapKV.name)
     if name not in SCORERS:
         raise ValueError(f"unknown scorer {name!r} in policy {spec!r}; known: {available_policies()}")
     return SCORERS[name]()

@@ -14,6 +14,7 @@ from kvevict import cache as cache_module
 from kvevict import policy as policy_module
 from kvevict.calibrate import SINKS, Recipe, SoftEviction, calibrate, capacity_loss, long_range_weights, recheck
 from kvevict.gates import Fingerprint, RetentionGates, load_gates
+from kvevict.scoring.h2o import H2O
 from kvevict.scoring.learned import LearnedRetention
 from kvevict.scoring.snapkv import SnapKV
 from kvevict.selection import Global, Pyramid, Threshold, Uniform
@@ -123,10 +124,10 @@ def test_calibration_chooses_the_allocator_on_held_out_text(calibrated, tmp_path
     for allocator, kind in (("uniform", Uniform), ("pyramid", Pyramid), ("global-balanced", Global)):  # "learned" follows its card
         path.write_text(json.dumps({**saved, "allocator": allocator}))
         monkeypatch.setattr(policy_module, "load_gates", lambda config: load_gates(config, path))
-        for name, weight in (("learned", 0.0), ("learned+snapkv", 0.5)):  # with observed attention too
-            policy = policy_module.resolve_policy(name, model.config)
+        for name, weight, window in (("learned", 0.0, 0), ("learned+snapkv", 0.5, 32), ("learned+h2o", 0.5, 0)):
+            policy = policy_module.resolve_policy(name, model.config)  # with observed attention too
             assert type(policy.allocator) is kind and policy.scorer.attention_weight == weight
-            assert policy.scorer.query_window == (32 if weight else 0) and policy.scorer.name == name
+            assert policy.scorer.query_window == window and policy.scorer.name == name
         scorer = LearnedRetention(load_gates(model.config, path)[0], default_allocator=allocator)
         assert type(Policy(scorer).allocator) is kind  # a bare scorer follows its default too
 
@@ -167,6 +168,38 @@ def test_observed_attention_adds_to_the_learned_score(calibrated):
     for bad in (-0.5, True, "0.5"):
         with pytest.raises(ValueError, match="attention_weight must be a number >= 0"):
             LearnedRetention(gates, attention_weight=bad)
+    with pytest.raises(ValueError, match="evidence must be one of"):
+        LearnedRetention(gates, attention_weight=0.5, evidence="tova")
+    with pytest.raises(ValueError, match="unknown scorer 'learned\\+tova'"):
+        policy_module.resolve_policy("learned+tova", model.config)
+
+
+def test_accumulated_attention_adds_to_the_learned_score(calibrated):
+    """learned+h2o: the gates plus H2O's mean attention received, observed on every pass (no late scoring)."""
+    model, card, _ = calibrated
+    gates, _ = load_gates(model.config, card)
+    alone, weighted, h2o = LearnedRetention(gates), LearnedRetention(gates, attention_weight=0.5, evidence="h2o"), H2O()
+    assert alone.scores_late and not weighted.scores_late and weighted.query_window == 0
+    cache = EvictionCache(model, Policy(weighted, Global(balance=True)), budget=16, sinks=2, recent=4, slack=0)
+    assert not any(layer.defer_scoring for layer in cache.layers)
+    twin = EvictionCache(model, h2o, budget=10**6)  # H2O alone on the same tokens, nothing evicted
+    ids = prompt(60)
+    model(ids[:, :40], **with_cache(model, cache))
+    model(ids[:, :40], **with_cache(model, twin))
+    assert cache.stats()["evicted"] > 0
+    for layer, full in zip(cache.layers, twin.layers):  # each kept entry has the attention H2O saw for it
+        inputs = layer.score_inputs()
+        pos = inputs.positions[0, :, :, None]
+        kept = ((pos == full.kv.positions[0, :, None, :]) & (pos >= 0)).float()  # [H, S kept, S all]
+        expected = (kept @ h2o.score(full.score_inputs())[0, :, :, None]).squeeze(-1)
+        torch.testing.assert_close(h2o.score(inputs)[0], expected)
+    model(ids[:, 40:], **with_cache(model, cache))  # the next pass's queries add to every older entry's count
+    for layer in cache.layers:
+        inputs = layer.score_inputs()
+        valid = inputs.positions >= 0
+        assert (inputs.positions[valid] < 40).any() and "log_beta" in inputs.state
+        assert (inputs.state["h2o_count"][valid] == 60 - inputs.positions[valid]).all()  # every query at or after it
+        torch.testing.assert_close(weighted.score(inputs), alone.score(inputs) + 0.5 * h2o.score(inputs).clamp(min=1e-8).log())
 
 
 def test_reach_weighted_kl_counts_tokens_by_their_reach():
@@ -388,3 +421,26 @@ def test_long_range_weighted_calibration_trains(calibrated, tmp_path):
     loss = [h["kl"] + h["capacity"] for h in weighted]
     assert sum(loss[-5:]) / 5 < 0.5 * sum(loss[:5]) / 5
     assert weighted[0]["kl"] == history[0]["kl"] and weighted[-1]["kl"] != history[-1]["kl"]  # same start, other path
+
+
+@pytest.mark.parametrize("evidence", [None, "h2o"])
+def test_learned_padded_batch_equals_rows_alone(calibrated, evidence):
+    model, card, _ = calibrated
+    gates, _ = load_gates(model.config, card)
+
+    def cache() -> EvictionCache:
+        scorer = LearnedRetention(gates, attention_weight=0.5 if evidence else 0.0, evidence=evidence or "snapkv")
+        return EvictionCache(model, Policy(scorer, Global(balance=True)), budget=14, sinks=2, recent=4, slack=3)
+
+    rows = [prompt(45, seed=4)[0], prompt(31, seed=5)[0]]
+    width = max(len(r) for r in rows)
+    ids, mask = torch.zeros(2, width, dtype=torch.long), torch.zeros(2, width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+    gen = dict(do_sample=False, max_new_tokens=16)
+    batched = cache()
+    out = model.generate(ids, attention_mask=mask, **with_cache(model, batched), **gen)
+    assert batched.stats()["evicted"] > 0
+    for i, r in enumerate(rows):
+        alone = model.generate(r[None], attention_mask=torch.ones_like(r[None]), **with_cache(model, cache()), **gen)
+        assert torch.equal(out[i, width:], alone[0, len(r):]), f"row {i}"

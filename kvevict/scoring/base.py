@@ -67,7 +67,7 @@ class Scorer:
     calibrated: ClassVar[bool] = False
     needs_hidden: ClassVar[bool] = False
     nonnegative: ClassVar[bool] = False
-    scores_late: ClassVar[bool] = False
+    scores_late: bool = False
     default_allocator: str = "uniform"  # the allocator a bare name (``"snapkv"``) gets
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:

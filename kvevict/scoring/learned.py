@@ -7,12 +7,14 @@ retention over the next ``n`` steps). Scores share one scale across layers and h
 pairs with the global allocator (one budget for the whole model) or a threshold. Its default allocator
 is the one its calibration chose on held-out text (the card's ``allocator``).
 
-With ``attention_weight`` ``w > 0`` (``"learned+snapkv"``) the gates' prior is combined with observed
-evidence: the score adds ``w log a_i``, where ``a_i`` is the attention entry ``i`` receives from the
-last ``window`` queries (SnapKV's pooled estimate), so the policy then also reads those queries. It
-keeps what the context's latest text attends to (better continuation fidelity at small budgets on
-Gemma 3), at the cost of entries no recent query looks at (fewer needles found); ``"learned"`` is the
-gates alone.
+With ``attention_weight`` ``w > 0`` the gates' prior is combined with observed evidence: the score
+adds ``w log a_i``, where ``a_i`` is the attention entry ``i`` receives. ``"learned+snapkv"`` takes
+``a_i`` from the last ``window`` queries (SnapKV's pooled estimate), so the policy then also reads
+those queries: it keeps what the context's latest text attends to (better continuation fidelity at
+small budgets on Gemma 3), at the cost of entries no recent query looks at (fewer needles found).
+``"learned+h2o"`` takes it from every query so far (H2O's mean attention received), so it also
+observes every forward pass's attention and scores each pass at once (no batched late scoring).
+``"learned"`` is the gates alone.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ import torch
 
 from ..gates import DEFAULT_ALLOCATOR, RetentionGates
 from .base import Scorer, ScoreInputs
+from .h2o import H2O
 from .snapkv import SnapKV
 
-ATTENTION_FLOOR = 1e-8  # attention below this counts as this (log of an entry no recent query sees)
-LEARNED_SNAPKV = "learned+snapkv"  # the policy name of the gates plus observed attention
-SNAPKV_WEIGHT = 0.5  # its weight: lowest mean KL of 0.25 / 0.5 / 1 on Gemma 3's held-out check (earlier gates)
+ATTENTION_FLOOR = 1e-8  # attention below this counts as this (log of an entry no query sees)
+EVIDENCE = {SnapKV.name: SnapKV, H2O.name: H2O}  # the attention estimates the gates combine with
+EVIDENCE_WEIGHT = 0.5  # best mean KL of 0.25 / 0.5 / 1 for SnapKV on Gemma 3's held-out check (earlier gates); untuned for H2O
 
 
 class LearnedRetention(Scorer):
@@ -33,23 +36,32 @@ class LearnedRetention(Scorer):
     observes = True
     calibrated = True
     needs_hidden = True
-    scores_late = True
 
     def __init__(self, gates: RetentionGates, lookahead: int = 0, default_allocator: str = DEFAULT_ALLOCATOR,
-                 attention_weight: float = 0.0, window: int = 32) -> None:
+                 attention_weight: float = 0.0, evidence: str = SnapKV.name, window: int = 32) -> None:
+        """``evidence`` (``"snapkv"`` or ``"h2o"``) is the attention estimate added at ``attention_weight``;
+        ``window`` is SnapKV's query window."""
         if isinstance(attention_weight, bool) or not isinstance(attention_weight, (int, float)) or attention_weight < 0:
             raise ValueError(f"attention_weight must be a number >= 0, got {attention_weight!r}")
+        if evidence not in EVIDENCE:
+            raise ValueError(f"evidence must be one of {sorted(EVIDENCE)}, got {evidence!r}")
         self.gates, self.lookahead, self.default_allocator = gates, lookahead, default_allocator
         self.attention_weight = float(attention_weight)
-        self.name = LEARNED_SNAPKV if attention_weight else type(self).name
-        self.evidence = SnapKV(window) if attention_weight else None
+        self.evidence = None
+        if attention_weight:
+            self.evidence = SnapKV(window) if evidence == SnapKV.name else EVIDENCE[evidence]()
+            self.name = f"{type(self).name}+{evidence}"
         self.query_window = self.evidence.query_window if self.evidence else 0
+        self.scores_late = not (self.evidence and self.evidence.observes)  # evidence seen each pass: score each pass
         self.placed = False
 
     @torch.no_grad()
     def observe(self, inputs: ScoreInputs) -> None:
-        """Score the newest ``q`` entries (the last ``q`` slots) from their attention inputs."""
+        """Score the newest ``q`` entries (the last ``q`` slots) from their attention inputs; let an
+        observing evidence scorer see this pass's queries."""
         self._store(inputs, self.gates(self._placed(inputs.hidden), inputs.layer_idx))
+        if self.evidence is not None and self.evidence.observes:
+            self.evidence.observe(inputs)
 
     @torch.no_grad()
     def observe_layers(self, inputs: list[ScoreInputs]) -> None:
