@@ -49,6 +49,16 @@ def prompt(n: int, batch: int = 1, seed: int = 1) -> torch.Tensor:
     return torch.randint(2, 96, (batch, n), generator=g)
 
 
+def left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of token ids ``[n_i]`` as one left-padded batch: ids and attention mask ``[B, longest]``."""
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+    return ids, mask
+
+
 @pytest.fixture(scope="session")
 def bench_script() -> Callable[..., ModuleType]:
     """Import ``<folder>/<name>.py`` by path (``bench`` or ``calibration``: the scripts are not a package)."""

@@ -7,7 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from kvevict import EvictionCache, with_cache
-from conftest import prompt, tiny_gemma3, tiny_llama
+from conftest import left_padded, prompt, tiny_gemma3, tiny_llama
 
 GREEDY = dict(do_sample=False, max_new_tokens=24)
 
@@ -139,11 +139,8 @@ def test_left_padded_batch_equals_rows_alone(factory):
     model = factory()
     kw = dict(budget=14, sinks=2, recent=4, slack=3)
     rows = [prompt(45, seed=4)[0], prompt(31, seed=5)[0], prompt(38, seed=6)[0]]
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+    ids, mask = left_padded(rows)
+    width = ids.shape[1]
     cache = EvictionCache(model, "streaming", **kw)
     batch = generate(model, ids, cache, attention_mask=mask)
     for i, r in enumerate(rows):

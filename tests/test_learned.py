@@ -19,7 +19,7 @@ from kvevict.scoring.learned import LearnedRetention
 from kvevict.scoring.snapkv import SnapKV
 from kvevict.selection import Global, Pyramid, Threshold, Uniform
 from kvevict.validation import CANDIDATES, choose_allocator, reach_weighted
-from conftest import prompt, tiny_gemma3, tiny_llama
+from conftest import left_padded, prompt, tiny_gemma3, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -433,10 +433,8 @@ def test_learned_padded_batch_equals_rows_alone(calibrated, evidence):
         return EvictionCache(model, Policy(scorer, Global(balance=True)), budget=14, sinks=2, recent=4, slack=3)
 
     rows = [prompt(45, seed=4)[0], prompt(31, seed=5)[0]]
-    width = max(len(r) for r in rows)
-    ids, mask = torch.zeros(2, width, dtype=torch.long), torch.zeros(2, width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+    ids, mask = left_padded(rows)
+    width = ids.shape[1]
     gen = dict(do_sample=False, max_new_tokens=16)
     batched = cache()
     out = model.generate(ids, attention_mask=mask, **with_cache(model, batched), **gen)

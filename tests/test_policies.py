@@ -9,7 +9,7 @@ from kvevict import EvictionCache, Policy, with_cache
 from kvevict.policy import resolve_policy
 from kvevict.scoring import SCORERS, Scorer, ScoreInputs
 from kvevict.selection import AdaKV, Global, Pyramid, SelectionInputs, Threshold, Uniform, topk_per_head
-from conftest import prompt, tiny_gemma3, tiny_llama
+from conftest import left_padded, prompt, tiny_gemma3, tiny_llama
 
 SCORER_NAMES = sorted(SCORERS) + ["critical-snapkv"]
 PROTECT = dict(sinks=2, recent=4)
@@ -57,11 +57,8 @@ def test_padded_batch_equals_rows_alone(name):
     model = tiny_llama()
     kw = dict(budget=14, slack=3, **PROTECT)
     rows = [prompt(45, seed=4)[0], prompt(31, seed=5)[0]]
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+    ids, mask = left_padded(rows)
+    width = ids.shape[1]
     gen = dict(do_sample=False, max_new_tokens=16)  # chunk boundaries would differ between batch and alone
     batch = model.generate(ids, attention_mask=mask, **with_cache(model, EvictionCache(model, name, **kw)), **gen)
     for i, r in enumerate(rows):
@@ -236,10 +233,7 @@ def test_threshold_in_padded_batch_equals_rows_alone():
     model = tiny_llama()
     make = lambda: EvictionCache(model, Policy(SCORERS["knorm"](), Threshold(-0.63)), budget=None, slack=5, **PROTECT)  # noqa: E731
     rows = [prompt(40, seed=4)[0], prompt(27, seed=5)[0]]
-    ids = torch.zeros(2, 40, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, 40 - len(r):], mask[i, 40 - len(r):] = r, 1
+    ids, mask = left_padded(rows)
     gen = dict(do_sample=False, max_new_tokens=12)
     batch = model.generate(ids, attention_mask=mask, **with_cache(model, make()), **gen)
     for i, r in enumerate(rows):
