@@ -196,27 +196,32 @@ def average(values: list[float | None]) -> float | None:
     return None if any(v is None for v in values) else sum(values) / len(values)
 
 
+def tasks_run(rows: list[dict]) -> dict[tuple, set[str]]:
+    """The tasks each (length, policy, budget) row was run on."""
+    ran: dict[tuple, set[str]] = defaultdict(set)
+    for r in rows:
+        ran[(r["length"], r["policy"], r["budget"])].add(r["task"])
+    return ran
+
+
 def common_tasks(rows: list[dict]) -> dict[int, list[str]]:
     """Per length, the tasks every (policy, budget) row run on the most-run tasks was run on: the means are
     taken over these alone, so that rows run on more tasks stay comparable with the others; a row run on
     only a few other tasks gets no mean."""
-    tasks: dict[int, dict[tuple, set[str]]] = defaultdict(lambda: defaultdict(set))
-    for r in rows:
-        tasks[r["length"]][(r["policy"], r["budget"])].add(r["task"])
+    by_length: dict[int, list[set[str]]] = defaultdict(list)
+    for (length, _, _), ran in tasks_run(rows).items():
+        by_length[length].append(ran)
     shared = {}
-    for length, configs in tasks.items():
-        runs = Counter(t for ran in configs.values() for t in ran)
+    for length, configs in by_length.items():
+        runs = Counter(t for ran in configs for t in ran)
         top = {t for t, n in runs.items() if n == max(runs.values())}
-        shared[length] = sorted(set.intersection(*(ran for ran in configs.values() if top <= ran)))
+        shared[length] = sorted(set.intersection(*(ran for ran in configs if top <= ran)))
     return shared
 
 
 def complete(rows: list[dict], shared: dict[int, list[str]]) -> set[tuple]:
     """The (length, policy, budget) rows that were run on every task of ``shared`` at their length: the ones with a mean."""
-    ran: dict[tuple, set[str]] = defaultdict(set)
-    for r in rows:
-        ran[(r["length"], r["policy"], r["budget"])].add(r["task"])
-    return {config for config, tasks in ran.items() if set(shared[config[0]]) <= tasks}
+    return {config for config, ran in tasks_run(rows).items() if set(shared[config[0]]) <= ran}
 
 
 def overview(rows: list[dict]) -> list[str]:
