@@ -6,6 +6,13 @@ documents, prompts) and writes, per press and budget, the raw fidelity numbers o
 the answer (text and costs) to each prompt; kvevict's side aggregates and scores them.
 kvpress compresses only during the first prefill of an empty cache, so each context is prefilled in
 one forward pass under the press; the question / continuation follows without compression.
+
+Hybrid sliding-window models (Gemma 3): kvpress 0.5.5 applies its own Gemma 3 rule (compress only the
+full-attention layers) to ``Gemma3ForConditionalGeneration`` alone; on the text model it compresses the
+sliding layers too, and transformers < 5.3 sizes every later pass's masks by one layer's stored length
+(a multi-token pass then lets the compressed layers see later tokens): the model emits garbage.
+Here the rule is applied to the text model as well (:func:`pressed`), the cache knows the layer types,
+and every pass after the compression gets one mask per layer type (:func:`layer_masks`).
 """
 
 from __future__ import annotations
@@ -14,9 +21,10 @@ import importlib.util
 import json
 import sys
 import time
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
-import kvpress
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
@@ -31,21 +39,77 @@ def held_bytes(cache) -> int:
 
 
 def make_press(name: str, ratio: float):
+    import kvpress  # here, not at the top: the tests import this module's helpers without kvpress
+
     if name.startswith("AdaKV:"):
         return kvpress.AdaKVPress(make_press(name.split(":", 1)[1], ratio))
     return getattr(kvpress, name)(compression_ratio=ratio)
 
 
+def decoder(model):
+    return model.model.language_model if hasattr(model.model, "language_model") else model.model
+
+
+def hybrid(model) -> bool:
+    """Whether the model mixes sliding-window and full-attention layers."""
+    return "sliding_attention" in (getattr(decoder(model).config, "layer_types", None) or [])
+
+
+@contextmanager
+def pressed(model, press):
+    """``press`` applied to ``model``: kvpress's own context manager, except on hybrid models, where its
+    hooks go on the full-attention layers only (kvpress's Gemma 3 rule) and each hooked layer's RoPE is
+    the one of its layer type (kvpress calls it without one: Gemma 3's needs it)."""
+    if not hybrid(model):
+        with press(model):
+            yield
+        return
+    press.post_init_from_model(model)
+    lm, hooks = decoder(model), []
+    try:
+        for layer in lm.layers:
+            if not layer.self_attn.is_sliding:
+                layer.self_attn.rotary_emb = partial(lm.rotary_emb, layer_type=layer.attention_type)
+                hooks.append(layer.self_attn.register_forward_hook(press.forward_hook, with_kwargs=True))
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def layer_masks(model, cache: DynamicCache, q: int) -> dict | None:
+    """Attention masks ``[1, 1, q, keys]`` per layer type for ``q`` new tokens after a compressed
+    prefill of a hybrid model (None otherwise: one mask, built by transformers, is right). The
+    full-attention layers see all their kept entries and the new tokens causally; the sliding layers
+    see the keys less than a window behind each query."""
+    if not hybrid(model):
+        return None
+    full = cache.layers[cache.is_sliding.index(False)]
+    kept = full.keys.shape[-2]
+    causal = torch.ones(q, q, dtype=torch.bool).tril()
+    sliding = cache.layers[cache.is_sliding.index(True)]
+    seen, stored = sliding.cumulative_length, sliding.keys.shape[-2]
+    keys, queries = torch.arange(seen - stored, seen + q), torch.arange(seen, seen + q)[:, None]
+    return {"full_attention": torch.cat([torch.ones(q, kept, dtype=torch.bool), causal], 1)[None, None],
+            "sliding_attention": ((keys <= queries) & (keys > queries - sliding.sliding_window))[None, None]}
+
+
 @torch.inference_mode()
 def compressed(model, ids: torch.Tensor, press) -> tuple[DynamicCache, float, int]:
-    cache = DynamicCache()
+    cache = DynamicCache(config=model.config)
     start = time.perf_counter()
     if press is None:
         model(ids, past_key_values=cache, logits_to_keep=1)
     else:
-        with press(model):
+        with pressed(model, press):
             model(ids, past_key_values=cache, logits_to_keep=1)
     return cache, time.perf_counter() - start, held_bytes(cache)
+
+
+def extend(model, cache: DynamicCache, ids: torch.Tensor, seen: int, **kwargs):
+    """Forward ``ids`` [1, q] after ``seen`` tokens into the (compressed) ``cache``."""
+    return model(ids, past_key_values=cache, position_ids=positions(seen, ids.shape[1]),
+                 attention_mask=layer_masks(model, cache, ids.shape[1]), **kwargs)
 
 
 def positions(start: int, n: int) -> torch.Tensor:
@@ -60,7 +124,7 @@ def greedy(model, cache, ids: torch.Tensor, seen: int, new_tokens: int, eos: set
     ms per generated token, question prefill included (as kvevict's ``answer``)."""
     start = time.perf_counter()
     out = []
-    logits = model(ids, past_key_values=cache, position_ids=positions(seen, ids.shape[1]), logits_to_keep=1).logits
+    logits = extend(model, cache, ids, seen, logits_to_keep=1).logits
     seen += ids.shape[1]
     for step in range(new_tokens):
         token = logits[:, -1:].argmax(-1)
@@ -68,7 +132,7 @@ def greedy(model, cache, ids: torch.Tensor, seen: int, new_tokens: int, eos: set
             break
         out.append(int(token))
         if step + 1 < new_tokens:
-            logits = model(token, past_key_values=cache, position_ids=positions(seen, 1)).logits
+            logits = extend(model, cache, token, seen).logits
             seen += 1
     return out, 1000 * (time.perf_counter() - start) / max(len(out), 1)
 
@@ -76,8 +140,7 @@ def greedy(model, cache, ids: torch.Tensor, seen: int, new_tokens: int, eos: set
 @torch.inference_mode()
 def fidelity(model, ids: torch.Tensor, prefix: int, ref: torch.Tensor, press) -> dict:
     cache, seconds, held = compressed(model, ids[:, :prefix], press)
-    rest = ids[:, prefix:]
-    logits = model(rest, past_key_values=cache, position_ids=positions(prefix, rest.shape[1])).logits
+    logits = extend(model, cache, ids[:, prefix:], prefix).logits
     lp = logits[0].float().log_softmax(-1)
     target = ids[0, prefix + 1 :]
     return {
@@ -111,8 +174,7 @@ def main(job_path: str, out_path: str) -> None:
     for ids, prefix in docs:
         cache, _, _ = compressed(model, ids[:, :prefix], None)
         with torch.inference_mode():
-            rest = ids[:, prefix:]
-            logits = model(rest, past_key_values=cache, position_ids=positions(prefix, rest.shape[1])).logits
+            logits = extend(model, cache, ids[:, prefix:], prefix).logits
             refs.append(logits[0].float().log_softmax(-1))
     rows = []
     for name in job["presses"]:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import DynamicCache
 
 from kvevict import EvictionCache
@@ -131,3 +132,25 @@ def test_paired_differences_over_windows(bench_script):
     assert lines[-1] == ("| 10% | a | b | -0.1000 ± 0.0577 (2/3) | +0.0000 ± 0.0000 (0/3) | "
                          "-0.2000 ± 0.0577 (3/3) |")
     assert not any("old" in line for line in lines)  # a row without per-window values is not compared
+
+
+def test_kvpress_runner_continues_a_hybrid_model_with_one_mask_per_layer_type(gemma, bench_script):
+    runner = bench_script("kvpress_runner")
+    ids = prompt(40)
+    with torch.inference_mode():
+        cache, _, _ = runner.compressed(gemma, ids[:, :30], None)
+        whole = gemma(ids).logits[:, 30:]
+        torch.testing.assert_close(runner.extend(gemma, cache, ids[:, 30:], 30).logits, whole)
+
+        def evicted() -> DynamicCache:  # what a press leaves: the full-attention layer keeps 4 sinks + 8 recent
+            cache, _, _ = runner.compressed(gemma, ids[:, :30], None)
+            full = cache.layers[cache.is_sliding.index(False)]
+            keep = torch.cat([torch.arange(4), torch.arange(22, 30)])
+            full.keys, full.values = full.keys[:, :, keep], full.values[:, :, keep]
+            return cache
+
+        block = runner.extend(gemma, evicted(), ids[:, 30:], 30).logits
+        cache = evicted()
+        steps = torch.cat([runner.extend(gemma, cache, ids[:, i:i + 1], i).logits for i in range(30, 40)], 1)
+    torch.testing.assert_close(block, steps)  # causal in every layer type: no query sees a later token
+    assert not torch.allclose(block, whole)  # the eviction is seen
