@@ -47,6 +47,7 @@ def make_press(name: str, ratio: float):
 
 
 def decoder(model):
+    """The decoder stack (``model.model`` or, in a multimodal model, its language model)."""
     return model.model.language_model if hasattr(model.model, "language_model") else model.model
 
 
