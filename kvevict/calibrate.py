@@ -38,10 +38,12 @@ from transformers import AttentionInterface, PreTrainedModel
 from .data import check_corpus
 from .evaluate import token_kl
 from .gates import Card, Fingerprint, RetentionGates, load_gates
+from .targets import TARGETS
 from .validation import choose_allocator
 
 SOFT_ATTENTION = "kvevict_soft"
 SCHEDULES = ("constant", "cosine")
+METHODS = ("distillation", "regression")  # end-to-end soft eviction, or KVzip+ targets (kvevict.regression)
 SINKS = 4  # first tokens the local teacher of the long-range weights still sees
 
 
@@ -65,8 +67,22 @@ class Recipe:
     schedule: str = "constant"  # learning rate: "constant", or "cosine" (decays to 0 over ``steps``)
     long_range_weight: float = 0.0  # ``a`` of the token weights (0: every token counts the same)
     local_window: int = 512  # recent tokens the local teacher of the long-range weights sees
+    method: str = "distillation"  # or "regression": ``steps`` windows, one forward pass each, then a fit
+    epochs: int = 15  # regression: passes of the fit over the sampled entries
+    tokens_per_window: int = 1024  # regression: entries sampled per window for the fit
+    target: str = "kvzip"  # regression: "kvzip" (KVzip+, KVzap's) or "reuse" (kvevict.targets)
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown calibration method {self.method!r}; known: {METHODS}")
+        if self.target not in TARGETS:
+            raise ValueError(f"unknown regression target {self.target!r}; known: {TARGETS}")
+        entries = self.seq_len // 2 if self.target == "reuse" else self.seq_len  # reuse: first half only
+        if self.method == "regression" and not 0 < self.tokens_per_window <= entries:
+            raise ValueError(f"tokens_per_window must lie in 1..{entries} (the entries a {self.target} window "
+                             f"of {self.seq_len} yields), got {self.tokens_per_window}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown learning-rate schedule {self.schedule!r}; known: {SCHEDULES}")
         if not self.long_range_weight >= 0:
@@ -83,10 +99,10 @@ class Recipe:
         """The corpus whose held-out part the check at the end of calibration reads."""
         return self.validate_data or self.data
 
-    def learning_rate(self, step: int) -> float:
-        """The learning rate of the ``step``-th step (from 0)."""
+    def learning_rate(self, step: int, total: int | None = None) -> float:
+        """The learning rate of the ``step``-th of ``total`` optimizer steps (from 0; default ``steps``)."""
         if self.schedule == "cosine":
-            return self.lr * 0.5 * (1 + math.cos(math.pi * step / self.steps))
+            return self.lr * 0.5 * (1 + math.cos(math.pi * step / (total or self.steps)))
         return self.lr
 
     @classmethod
@@ -252,7 +268,7 @@ def calibrate(model: PreTrainedModel, ids: list[int], recipe: Recipe, out: Path,
                  "recipe": asdict(recipe), "hardware": hardware(device, recipe.threads)},
     )
     if validation is not None:
-        _check(model, gates.eval(), validation, recipe, card)
+        check_allocator(model, gates.eval(), validation, recipe, card)
     return gates.eval().save(out, card), history
 
 
@@ -267,12 +283,12 @@ def recheck(model: PreTrainedModel, card_path: Path, validation: list[int], reci
         raise ValueError(f"{card_path} was calibrated with other settings ({made}) than this recipe "
                          f"({_training_settings(recipe)})")
     card.metrics["recipe"] = asdict(recipe)
-    _check(model, gates, validation, recipe, card)
+    check_allocator(model, gates, validation, recipe, card)
     card.write(card_path)
     return card_path
 
 
-def _check(model: PreTrainedModel, gates: RetentionGates, validation: list[int], recipe: Recipe, card: Card) -> None:
+def check_allocator(model: PreTrainedModel, gates: RetentionGates, validation: list[int], recipe: Recipe, card: Card) -> None:
     """Choose ``card``'s allocator on held-out token ids; record the candidates' KL in its metrics."""
     torch.set_num_threads(recipe.threads)
     started = time.perf_counter()
