@@ -43,7 +43,7 @@ from .validation import choose_allocator
 
 SOFT_ATTENTION = "kvevict_soft"
 SCHEDULES = ("constant", "cosine")
-METHODS = ("distillation", "regression")  # end-to-end soft eviction, or KVzip+ targets (kvevict.regression)
+METHODS = ("distillation", "regression")  # end-to-end soft eviction, or a fit to regression targets (kvevict.regression)
 SINKS = 4  # first tokens the local teacher of the long-range weights still sees
 
 
@@ -54,7 +54,7 @@ class Recipe:
     model: str
     seq_len: int = 512
     budget: int = 96
-    steps: int = 150
+    steps: int = 150  # optimizer steps of one window each (distillation), or windows (regression)
     lr: float = 3e-3
     width: int = 128
     capacity_weight: float = 1.0

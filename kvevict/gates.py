@@ -97,10 +97,14 @@ class RetentionGates(nn.Module):
 
     def forward_layers(self, hidden: list[torch.Tensor], layers: list[int]) -> list[torch.Tensor]:
         """``log beta`` ``[B, H, q]`` for each ``hidden`` ``[B, q, D]`` of the (same-shaped) ``layers``."""
-        return [F.logsigmoid(x) for x in self.logits_layers(hidden, layers)]
+        return list(F.logsigmoid(self._logits(hidden, layers)).unbind(0))
 
     def logits_layers(self, hidden: list[torch.Tensor], layers: list[int]) -> list[torch.Tensor]:
         """The logits behind :meth:`forward_layers` (``log beta = logsigmoid(logit)``), ``[B, H, q]`` each."""
+        return list(self._logits(hidden, layers).unbind(0))
+
+    def _logits(self, hidden: list[torch.Tensor], layers: list[int]) -> torch.Tensor:
+        """Logits ``[L, B, H, q]`` of the ``L`` layers."""
         idx = [self.index[layer] for layer in layers]
         if idx == list(range(idx[0], idx[0] + len(idx))):  # consecutive (one layer, or all): views, no copy
             idx = slice(idx[0], idx[0] + len(idx))
@@ -110,8 +114,7 @@ class RetentionGates(nn.Module):
         x = torch.stack(hidden).flatten(1, 2).to(w1.dtype)  # [L, B q, D]
         x = F.silu(torch.baddbmm(b1[:, None], x, w1))
         x = F.silu(torch.baddbmm(b2[:, None], x, w2))
-        out = self.shared(x).view(len(layers), *hidden[0].shape[:-1], -1).transpose(2, 3)
-        return list(out.unbind(0))
+        return self.shared(x).view(len(layers), *hidden[0].shape[:-1], -1).transpose(2, 3)
 
     def save(self, directory: Path, card: Card) -> Path:
         """Write ``<model>.safetensors`` (float16 weights) and ``<model>.json`` into ``directory``; return
