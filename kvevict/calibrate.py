@@ -94,6 +94,11 @@ class Recipe:
         if self.validate_windows < 1:
             raise ValueError(f"validate_windows must be >= 1, got {self.validate_windows}")
 
+    def check_text(self, ids: list[int]) -> None:
+        """Refuse calibration text too short to sample a window from."""
+        if len(ids) <= self.seq_len:
+            raise ValueError(f"calibration text of {len(ids)} tokens is too short for windows of {self.seq_len}")
+
     @property
     def held_out_data(self) -> str:
         """The corpus whose held-out part the check at the end of calibration reads."""
@@ -200,8 +205,7 @@ def calibrate(model: PreTrainedModel, ids: list[int], recipe: Recipe, out: Path,
     path and the loss history. Resumes from ``checkpoint`` (a directory) when it holds a run. With
     held-out token ids ``validation``, the card's allocator is chosen on them; else it stays the
     balanced global budget."""
-    if len(ids) <= recipe.seq_len:
-        raise ValueError(f"calibration text of {len(ids)} tokens is too short for windows of {recipe.seq_len}")
+    recipe.check_text(ids)
     torch.manual_seed(recipe.seed)
     torch.set_num_threads(recipe.threads)
     model.requires_grad_(False).eval()

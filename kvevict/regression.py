@@ -46,8 +46,7 @@ def extract(model: PreTrainedModel, ids: list[int], frame: tuple[list[int], list
     """Attention inputs ``[L, N, D]`` and targets ``[L, N, H]`` of ``N = steps x tokens_per_window``
     sampled entries of the ``L`` full-attention layers, and the seconds spent (resumed windows
     count what they cost then)."""
-    if len(ids) <= recipe.seq_len:
-        raise ValueError(f"calibration text of {len(ids)} tokens is too short for windows of {recipe.seq_len}")
+    recipe.check_text(ids)
     fp = Fingerprint.of(model.config)
     settings = {k: v for k, v in asdict(recipe).items() if k in EXTRACTION}
     if checkpoint is not None:
@@ -87,7 +86,6 @@ def fit(gates: RetentionGates, x: torch.Tensor, y: torch.Tensor, recipe: Recipe)
     """Fit ``gates``' logits to ``y + c`` on ``x`` (``[L, N, D]``, ``[L, N, H]``) with AdamW; return
     ``c`` and the history (per epoch: mean squared error on the fitted and the held-out entries,
     and the rank correlation of logits and targets on the held-out ones)."""
-    torch.manual_seed(recipe.seed)
     offset = OFFSET - y.min().item()
     order = torch.randperm(x.shape[1], generator=torch.Generator().manual_seed(recipe.seed))
     cut = held_out_count(len(order))
