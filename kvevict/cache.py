@@ -20,6 +20,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .attention import ATTN_IMPLEMENTATION, KVMask, hand_over, register
+from .compat import attention_input, attention_modules
 from .modality import ModalityMap, image_token_id
 from .policy import Budget, Policy, resolve_policy
 from .scoring import ScoreInputs
@@ -578,8 +579,7 @@ def _hook_attention_inputs(model: PreTrainedModel) -> None:
     """Make each attention module hand its input (the normalised hidden states) to the cache layer
     whose ``update`` it calls next (see :meth:`EvictingLayer.take_attention_input`). Installed once
     per model; caches come and go without touching the hooks."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    modules = [m for name, m in decoder.named_modules() if name.endswith("self_attn") and hasattr(m, "layer_idx")]
+    modules = attention_modules(model)
     if not modules:
         raise ValueError(f"found no attention modules with a layer index in {type(model).__name__}")
     for module in modules:
@@ -589,8 +589,7 @@ def _hook_attention_inputs(model: PreTrainedModel) -> None:
 
 
 def _hand_over_input(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-    hidden = kwargs.get("hidden_states", args[0] if args else None)
-    _ATTENTION_INPUT.set((module.layer_idx, hidden.detach()))
+    _ATTENTION_INPUT.set((module.layer_idx, attention_input(args, kwargs).detach()))
 
 
 def _switch_attention(model: PreTrainedModel) -> None:

@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import AttentionInterface, PreTrainedModel
 
+from .compat import attention_input, attention_modules
 from .data import check_corpus
 from .evaluate import token_kl
 from .gates import Card, Fingerprint, RetentionGates, load_gates
@@ -127,17 +128,12 @@ class SoftEviction:
         self.previous = model.config._attn_implementation
         AttentionInterface.register(SOFT_ATTENTION, self.attention)
         model.set_attn_implementation(SOFT_ATTENTION)
-        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-        self.handles = [
-            m.register_forward_pre_hook(self.hook, with_kwargs=True)
-            for name, m in decoder.named_modules()
-            if name.endswith("self_attn") and getattr(m, "layer_idx", None) in gates.index
-        ]
+        self.handles = [m.register_forward_pre_hook(self.hook, with_kwargs=True)
+                        for m in attention_modules(model) if m.layer_idx in gates.index]
 
     def hook(self, module, args, kwargs) -> None:
         if self.active:
-            hidden = kwargs.get("hidden_states", args[0] if args else None)
-            self.log_beta[module.layer_idx] = self.gates(hidden, module.layer_idx)
+            self.log_beta[module.layer_idx] = self.gates(attention_input(args, kwargs), module.layer_idx)
 
     def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         """Causal (or sliding-window) attention over an unpadded batch, plus the decay bias."""

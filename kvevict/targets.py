@@ -29,7 +29,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .attention import UNSUPPORTED_KWARGS
-from .compat import with_cache
+from .compat import attention_input, attention_modules, decoder, with_cache
 from .evaluate import chat_frame, encode
 
 TARGETS = ("kvzip", "reuse")
@@ -130,7 +130,7 @@ def _run(model: PreTrainedModel, ids: torch.Tensor, layers: tuple[int, ...], rec
     inputs: dict[int, torch.Tensor] = {}
 
     def hook(module, args, kwargs) -> None:
-        inputs[module.layer_idx] = kwargs.get("hidden_states", args[0] if args else None)
+        inputs[module.layer_idx] = attention_input(args, kwargs)
 
     def attention(module, query, key, value, attention_mask, **kwargs):
         for name in UNSUPPORTED_KWARGS:
@@ -143,9 +143,9 @@ def _run(model: PreTrainedModel, ids: torch.Tensor, layers: tuple[int, ...], rec
                    kwargs.get("scaling") or query.shape[-1] ** -0.5)
         return out
 
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for name, m in decoder.named_modules()
-               if name.endswith("self_attn") and getattr(m, "layer_idx", None) in layers]
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in attention_modules(model)
+               if m.layer_idx in layers]
+    language_model = decoder(model)
     previous = model.config._attn_implementation
     AttentionInterface.register(TARGET_ATTENTION, attention)
     AttentionMaskInterface.register(TARGET_ATTENTION, sdpa_mask)
@@ -153,7 +153,7 @@ def _run(model: PreTrainedModel, ids: torch.Tensor, layers: tuple[int, ...], rec
     try:
         cache = DynamicCache(config=model.config)
         for part in ids.to(model.device).split(chunk, dim=-1):
-            decoder(input_ids=part, use_cache=True, **with_cache(decoder, cache))
+            language_model(input_ids=part, use_cache=True, **with_cache(language_model, cache))
     finally:
         for handle in handles:
             handle.remove()
