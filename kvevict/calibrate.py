@@ -39,6 +39,7 @@ from .compat import attention_input, attention_modules
 from .data import check_corpus
 from .evaluate import token_kl
 from .gates import Card, Fingerprint, RetentionGates, load_gates
+from .scoring.learned import check_lookahead
 from .targets import TARGETS
 from .validation import choose_allocator
 
@@ -72,6 +73,7 @@ class Recipe:
     epochs: int = 15  # regression: passes of the fit over the sampled entries
     tokens_per_window: int = 1024  # regression: entries sampled per window for the fit
     target: str = "kvzip"  # regression: "kvzip" (KVzip+, KVzap's) or "reuse" (kvevict.targets)
+    lookahead: int = 0  # the learned score's lookahead (steps) in the check and on the card; 0: none
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -92,6 +94,7 @@ class Recipe:
             raise ValueError(f"local_window must lie between 0 and seq_len ({self.seq_len}), got {self.local_window}")
         check_corpus(self.data)
         check_corpus(self.held_out_data)
+        check_lookahead(self.lookahead)
         if self.validate_windows < 1:
             raise ValueError(f"validate_windows must be >= 1, got {self.validate_windows}")
 
@@ -262,6 +265,7 @@ def calibrate(model: PreTrainedModel, ids: list[int], recipe: Recipe, out: Path,
     card = Card(
         model=recipe.model, fingerprint=gates.fingerprint, width=recipe.width, method="soft-eviction distillation",
         data=data_name, target_budget=recipe.budget, steps=recipe.steps, seconds=round(seconds, 1),
+        lookahead=recipe.lookahead,
         metrics={"final_kl": sum(h["kl"] for h in tail) / len(tail),
                  "final_capacity": sum(h["capacity"] for h in tail) / len(tail),
                  "live_per_head_at_end_of_window": tail[-1]["live_per_head"],
@@ -282,7 +286,7 @@ def recheck(model: PreTrainedModel, card_path: Path, validation: list[int], reci
     if made != _training_settings(recipe):
         raise ValueError(f"{card_path} was calibrated with other settings ({made}) than this recipe "
                          f"({_training_settings(recipe)})")
-    card.metrics["recipe"] = asdict(recipe)
+    card.metrics["recipe"], card.lookahead = asdict(recipe), recipe.lookahead
     check_allocator(model, gates, validation, recipe, card)
     card.write(card_path)
     return card_path
@@ -293,7 +297,7 @@ def check_allocator(model: PreTrainedModel, gates: RetentionGates, validation: l
     torch.set_num_threads(recipe.threads)
     started = time.perf_counter()
     card.allocator, kl = choose_allocator(model, gates, validation, recipe.validate_len,
-                                          windows=recipe.validate_windows)
+                                          windows=recipe.validate_windows, lookahead=card.lookahead)
     card.metrics["validation"] = {"data": recipe.held_out_data, "tokens_per_window": recipe.validate_len,
                                   "windows": recipe.validate_windows, "kl": kl, "chosen": card.allocator,
                                   "seconds": round(time.perf_counter() - started, 1)}
@@ -316,9 +320,9 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
 
 def _training_settings(recipe: Recipe) -> dict:
     """The recipe fields a resumed run must share with its checkpoint: all but the threads, the
-    validation and (under a constant learning rate) the length of the run."""
+    validation, the lookahead and (under a constant learning rate) the length of the run."""
     settings = asdict(recipe)
-    for free in ("threads", "validate_len", "validate_windows", "validate_data") + (
+    for free in ("threads", "validate_len", "validate_windows", "validate_data", "lookahead") + (
             ("steps",) if recipe.schedule == "constant" else ()):
         settings.pop(free)
     return settings

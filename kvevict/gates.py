@@ -62,6 +62,7 @@ class Card:
     seconds: float
     metrics: dict = field(default_factory=dict)
     allocator: str = DEFAULT_ALLOCATOR  # chosen on held-out text at the end of calibration
+    lookahead: int = 0  # steps of the learned score's lookahead (kvevict.scoring.learned; 0: none), the recipe's
 
     def write(self, path: Path) -> None:
         """Write the card as JSON to ``path``."""

@@ -50,7 +50,8 @@ def resolve_policy(spec: str | Policy | Scorer, config: PretrainedConfig | None 
     quotas by default), ``"learned"`` (the calibrated policy shipped for the model of ``config``, under
     the allocator its calibration chose: one balanced global budget, or fixed per-layer shares such as
     PyramidKV's), ``"learned+snapkv"`` / ``"learned+h2o"`` (the same gates plus observed attention,
-    SnapKV's or H2O's estimate, at ``EVIDENCE_WEIGHT``). A threshold needs its ``tau``:
+    SnapKV's or H2O's estimate, at ``EVIDENCE_WEIGHT``); ``"learned@512"`` / ``"learned+snapkv@512"``
+    set the learned score's lookahead (steps; by default the card's). A threshold needs its ``tau``:
     ``Policy(scorer, Threshold(tau))``.
     """
     if isinstance(spec, Policy):
@@ -74,13 +75,18 @@ def _scorer(name: str, spec: str, config: PretrainedConfig | None) -> Scorer:
         return DART(_scorer(text, spec, config) if text else None)
     if name.startswith(CRITICAL):
         return CriticalKV(_scorer(name.removeprefix(CRITICAL), spec, config))
-    learned, _, evidence = name.partition("+")
+    base, at, steps = name.partition("@")
+    learned, _, evidence = base.partition("+")
     if learned == LearnedRetention.name and (not evidence or evidence in EVIDENCE):
+        if at and not steps.isdigit():
+            raise ValueError(f"the lookahead after '@' in policy {spec!r} must be a whole number of steps "
+                             f"(e.g. learned@512), got {steps!r}")
         if config is None:
             raise ValueError("the learned policy is calibrated per model: resolve it with the model's config")
         gates, card = load_gates(config)
         weight = EVIDENCE_WEIGHT if evidence else 0.0
-        return LearnedRetention(gates, default_allocator=card.allocator, attention_weight=weight,
+        lookahead = int(steps) if at else card.lookahead
+        return LearnedRetention(gates, lookahead, default_allocator=card.allocator, attention_weight=weight,
                                 evidence=evidence or SnapKV.name)
     if name not in SCORERS:
         raise ValueError(f"unknown scorer {name!r} in policy {spec!r}; known: {available_policies()}")

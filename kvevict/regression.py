@@ -149,7 +149,7 @@ def calibrate_regression(model: PreTrainedModel, ids: list[int], frame: tuple[li
     last = history[-1]
     card = Card(
         model=recipe.model, fingerprint=gates.fingerprint, width=recipe.width, method=METHOD[recipe.target], data=data_name,
-        target_budget=0, steps=recipe.steps, seconds=round(seconds, 1),
+        target_budget=0, steps=recipe.steps, seconds=round(seconds, 1), lookahead=recipe.lookahead,
         metrics={"held_out_mse": last["held_out_mse"], "held_out_rank_correlation": last["held_out_rank_correlation"],
                  "held_out_entries": held_out_count(x.shape[1]), "offset": offset, "entries": x.shape[1],
                  "recipe": asdict(recipe),

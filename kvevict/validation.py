@@ -39,13 +39,14 @@ def reach_weighted(kl: torch.Tensor, reach: torch.Tensor) -> float:
 
 def choose_allocator(model: PreTrainedModel, gates: RetentionGates, ids: list[int], length: int,
                      budgets: tuple[float, ...] = (0.1, 0.25), windows: int = 2,
-                     candidates: tuple[str, ...] = CANDIDATES, chunk: int = 512) -> tuple[str, dict]:
+                     candidates: tuple[str, ...] = CANDIDATES, chunk: int = 512, lookahead: int = 0) -> tuple[str, dict]:
     """The candidate with the lowest mean KL on ``windows`` held-out windows of ``length`` tokens of
     ``ids`` (centred in equal parts of the text), and ``{candidate: {"kl": mean, "long_range_kl": mean,
     budget: KL, "long_range": {budget: long-range KL}}}`` (means over budgets).
 
     The last ``min(512, length // 4)`` tokens of each window are scored; the rest is compressed. The
-    reach comes from a StreamingLLM cache of ``min(LOCAL, prefix // 4)`` entries per head."""
+    reach comes from a StreamingLLM cache of ``min(LOCAL, prefix // 4)`` entries per head. The learned
+    score uses ``lookahead`` (:class:`.scoring.learned.LearnedRetention`)."""
     if len(ids) < windows * length:
         raise ValueError(f"validation needs {windows} windows of {length} tokens, the text has {len(ids)}")
     part = len(ids) // windows
@@ -67,7 +68,7 @@ def choose_allocator(model: PreTrainedModel, gates: RetentionGates, ids: list[in
     for name in tqdm(candidates, desc="validate allocators"):
         per_budget, long_range = {}, {}
         for budget in budgets:
-            kl = token_kls(Policy(LearnedRetention(gates), make_allocator(name)), budget)
+            kl = token_kls(Policy(LearnedRetention(gates, lookahead), make_allocator(name)), budget)
             per_budget[str(budget)] = kl.mean().item()
             long_range[str(budget)] = reach_weighted(kl, reach)
         results[name] = {"kl": sum(per_budget.values()) / len(per_budget),

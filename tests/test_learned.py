@@ -95,6 +95,26 @@ def test_learned_policy_drives_a_global_budget(calibrated):
     assert bool((layer.kv.extra["log_beta"] < 0).all())  # every kept entry is scored
 
 
+def test_lookahead_adds_the_expected_retention_of_the_next_steps(calibrated):
+    """``(t + 1 - i) log beta + log sum_{k < n} beta^k``: exact as beta -> 1, where the sum tends to n."""
+    model, card, _ = calibrated
+    gates, _ = load_gates(model.config, card)
+    now, ahead = LearnedRetention(gates), LearnedRetention(gates, lookahead=50)
+    cache = EvictionCache(model, Policy(now, Global()), budget=12, sinks=2, recent=4, slack=0)
+    model(prompt(60), **with_cache(model, cache))
+    inputs = cache.layers[0].score_inputs()
+    log_beta = inputs.state["log_beta"]
+    log_beta[0, 0, :3] = torch.tensor([0.0, -1e-9, -30.0])  # beta = 1, beta = 1 in float32, beta -> 0
+    steps = torch.arange(50, dtype=torch.float64)
+    expected = now.score(inputs).double() + torch.logsumexp(log_beta.double()[..., None] * steps, -1)
+    torch.testing.assert_close(ahead.score(inputs).double(), expected, rtol=1e-5, atol=1e-4)
+    bonus = (ahead.score(inputs) - now.score(inputs))[0, 0, :3]
+    torch.testing.assert_close(bonus, torch.tensor([50.0, 50.0, 1.0]).log())
+    for bad in (-1, 2.5, True, "64"):
+        with pytest.raises(ValueError, match="lookahead must be an int >= 0"):
+            LearnedRetention(gates, lookahead=bad)
+
+
 def test_learned_by_name_holds_a_balanced_global_budget(calibrated, monkeypatch):
     model, card, _ = calibrated
     monkeypatch.setattr(policy_module, "load_gates", lambda config: load_gates(config, card))
@@ -130,6 +150,18 @@ def test_calibration_chooses_the_allocator_on_held_out_text(calibrated, tmp_path
             assert policy.scorer.query_window == window and policy.scorer.name == name
         scorer = LearnedRetention(load_gates(model.config, path)[0], default_allocator=allocator)
         assert type(Policy(scorer).allocator) is kind  # a bare scorer follows its default too
+    assert policy_module.resolve_policy("learned", model.config).scorer.lookahead == 0
+    path.write_text(json.dumps({**saved, "lookahead": 256}))  # the card's lookahead reaches the policy by name
+    assert policy_module.resolve_policy("learned+snapkv", model.config).scorer.lookahead == 256
+    for name, scorer_name, lookahead in (("learned@512", "learned@512", 512), ("learned@0", "learned", 0),
+                                         ("pyramid:learned+h2o@64", "learned+h2o@64", 64)):  # or the name's
+        scorer = policy_module.resolve_policy(name, model.config).scorer
+        assert scorer.lookahead == lookahead and scorer.name == scorer_name
+    for bad in ("learned@", "learned@-5", "learned@1e3", "learned+snapkv@x"):
+        with pytest.raises(ValueError, match="lookahead after '@' .* must be a whole number"):
+            policy_module.resolve_policy(bad, model.config)
+    with pytest.raises(ValueError, match="unknown scorer 'snapkv@512'"):
+        policy_module.resolve_policy("snapkv@512", model.config)
 
 
 def test_recheck_rechooses_the_allocator_of_calibrated_gates(calibrated, tmp_path):
@@ -150,6 +182,10 @@ def test_recheck_rechooses_the_allocator_of_calibrated_gates(calibrated, tmp_pat
     assert path.with_suffix(".safetensors").read_bytes() == card.with_suffix(".safetensors").read_bytes()
     with pytest.raises(ValueError, match="other settings"):  # gates trained otherwise are not this recipe's
         recheck(model, path, held_out, Recipe(**{**same, "budget": 16}))
+    recheck(model, path, held_out, Recipe(**same, lookahead=128))  # a lookahead is the check's, not the training's
+    assert json.loads(path.read_text())["lookahead"] == 128
+    with pytest.raises(ValueError, match="lookahead must be an int >= 0"):
+        Recipe(**same, lookahead=-1)
 
 
 def test_observed_attention_adds_to_the_learned_score(calibrated):

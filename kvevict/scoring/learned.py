@@ -26,9 +26,16 @@ from .base import Scorer, ScoreInputs
 from .h2o import H2O
 from .snapkv import SnapKV
 
+LOG_BETA_CEILING = 1e-12  # log beta closer to 0 than this counts as this in the lookahead (no 0 / 0)
 ATTENTION_FLOOR = 1e-8  # attention below this counts as this (log of an entry no query sees)
 EVIDENCE = {SnapKV.name: SnapKV, H2O.name: H2O}  # the attention estimates the gates combine with
 EVIDENCE_WEIGHT = 0.5  # best mean KL of 0.25 / 0.5 / 1 for SnapKV on Gemma 3's held-out check (earlier gates); untuned for H2O
+
+
+def check_lookahead(lookahead: object) -> None:
+    """Refuse a lookahead that is not a whole number of steps >= 0."""
+    if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
+        raise ValueError(f"lookahead must be an int >= 0 (steps; 0: none), got {lookahead!r}")
 
 
 class LearnedRetention(Scorer):
@@ -43,6 +50,7 @@ class LearnedRetention(Scorer):
         ``window`` is SnapKV's query window."""
         if isinstance(attention_weight, bool) or not isinstance(attention_weight, (int, float)) or attention_weight < 0:
             raise ValueError(f"attention_weight must be a number >= 0, got {attention_weight!r}")
+        check_lookahead(lookahead)
         if evidence not in EVIDENCE:
             raise ValueError(f"evidence must be one of {sorted(EVIDENCE)}, got {evidence!r}")
         self.gates, self.lookahead, self.default_allocator = gates, lookahead, default_allocator
@@ -51,6 +59,8 @@ class LearnedRetention(Scorer):
         if attention_weight:
             self.evidence = SnapKV(window) if evidence == SnapKV.name else EVIDENCE[evidence]()
             self.name = f"{type(self).name}+{evidence}"
+        if lookahead:
+            self.name = f"{self.name}@{lookahead}"
         self.query_window = self.evidence.query_window if self.evidence else 0
         self.scores_late = not (self.evidence and self.evidence.observes)  # evidence seen each pass: score each pass
         self.placed = False
@@ -89,9 +99,9 @@ class LearnedRetention(Scorer):
         log_beta = inputs.state["log_beta"]
         age = (inputs.seen - inputs.positions).clamp(min=1).float()
         score = age * log_beta
-        if self.lookahead:
-            score = score + torch.log1p(-torch.exp(self.lookahead * log_beta).clamp(max=1 - 1e-6))
-            score = score - torch.log1p(-torch.exp(log_beta).clamp(max=1 - 1e-6))
+        if self.lookahead:  # log((1 - beta^n) / (1 - beta)), exact as beta -> 1 (where it tends to log n)
+            x = log_beta.clamp(max=-LOG_BETA_CEILING)
+            score = score + (torch.expm1(self.lookahead * x) / torch.expm1(x)).log()
         if self.evidence is not None:
             score = score + self.attention_weight * self.evidence.score(inputs).clamp(min=ATTENTION_FLOOR).log()
         return score
