@@ -102,16 +102,18 @@ PAIRED = (("nll_increase", "NLL increase", -1), ("top1_agreement", "top-1 agree"
 
 
 def paired(rows: list[dict]) -> list[str]:
-    """Markdown lines: at each budget, the policy with the lowest KL against every other policy measured on
-    the same windows (rows that keep per-window values; at least 2 windows): the mean difference of each
-    measure over the windows (its value minus theirs) ± its standard error, and on how many it was better."""
+    """Markdown lines: at each budget and number of windows, the policy with the lowest KL against every
+    other policy measured on the same windows (rows that keep per-window values; at least 2 windows): the
+    mean difference of each measure over the windows (its value minus theirs) ± its standard error, and on
+    how many it was better."""
     lines = []
-    for budget in sorted({r["budget"] for r in rows if r["budget"] is not None}):
-        at = [r for r in rows if r["budget"] == budget and r.get("documents", 1) >= 2 and "per_document" in r]
+    keep = [r for r in rows if r["budget"] is not None and r.get("documents", 1) >= 2 and "per_document" in r]
+    for budget, documents in sorted({(r["budget"], r["documents"]) for r in keep}):
+        at = [r for r in keep if r["budget"] == budget and r["documents"] == documents]
         if len(at) < 2:
             continue
         best = min(at, key=lambda r: r["kl"])
-        for other in (r for r in at if r is not best and r["documents"] == best["documents"]):
+        for other in (r for r in at if r is not best):
             cells = []
             for key, _, sign in PAIRED:
                 diff = [a - b for a, b in zip(best["per_document"][key], other["per_document"][key])]
@@ -121,8 +123,8 @@ def paired(rows: list[dict]) -> list[str]:
             lines.append(f"| {budget:.0%} | {best['policy']} | {other['policy']} | " + " | ".join(cells) + " |")
     if not lines:
         return []
-    return ["", "Paired over windows: at each budget the lowest-KL policy against each policy measured on the same "
-            "windows: mean difference (its value minus theirs) ± standard error over the windows, and on how many "
+    return ["", "Paired over windows: at each budget (and number of windows) the lowest-KL policy against each "
+            "policy measured on the same windows: mean difference (its value minus theirs) ± standard error over the windows, and on how many "
             "windows it was better.", "", "| budget | policy | vs | " + " | ".join(name for _, name, _ in PAIRED) + " |",
             "|---|---|---|---|---|---|", *lines]
 

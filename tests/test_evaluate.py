@@ -128,10 +128,13 @@ def test_paired_differences_over_windows(bench_script):
         return r if per_window else {k: v for k, v in r.items() if k != "per_document"}
 
     lines = paired([row("a", [0.1, 0.2, 0.3], [0.1, 0.1, 0.1]), row("b", [0.2, 0.2, 0.5], [0.3, 0.2, 0.4]),
-                    row("old", [0.0, 0.0, 0.0], [0.0, 0.0, 0.0], per_window=False)])
+                    row("old", [0.0, 0.0, 0.0], [0.0, 0.0, 0.0], per_window=False),
+                    row("c", [0.0, 0.1], [0.05, 0.05]), row("d", [0.1, 0.1], [0.1, 0.2])])
     assert lines[-1] == ("| 10% | a | b | -0.1000 ± 0.0577 (2/3) | +0.0000 ± 0.0000 (0/3) | "
                          "-0.2000 ± 0.0577 (3/3) |")
     assert not any("old" in line for line in lines)  # a row without per-window values is not compared
+    # rows on 2 windows (c has the lowest KL of all) are compared among themselves, not with a or b
+    assert [line.split(" | ")[1:3] for line in lines if line.startswith("| 10%")] == [["c", "d"], ["a", "b"]]
 
 
 def test_kvpress_runner_continues_a_hybrid_model_with_one_mask_per_layer_type(gemma, bench_script):
