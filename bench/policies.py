@@ -124,9 +124,9 @@ def paired(rows: list[dict]) -> list[str]:
     if not lines:
         return []
     return ["", "Paired over windows: at each budget (and number of windows) the lowest-KL policy against each "
-            "policy measured on the same windows: mean difference (its value minus theirs) ± standard error over the windows, and on how many "
-            "windows it was better.", "", "| budget | policy | vs | " + " | ".join(name for _, name, _ in PAIRED) + " |",
-            "|---|---|---|---|---|---|", *lines]
+            "policy measured on the same windows: mean difference (its value minus theirs) ± standard error over "
+            "the windows, and on how many windows it was better.", "",
+            "| budget | policy | vs | " + " | ".join(name for _, name, _ in PAIRED) + " |", "|---|---|---|---|---|---|", *lines]
 
 
 if __name__ == "__main__":
