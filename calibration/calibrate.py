@@ -37,7 +37,7 @@ from kvevict.fetch import default_cache_dir  # noqa: E402
 from kvevict.models import load_model  # noqa: E402
 from kvevict.regression import calibrate_regression  # noqa: E402
 from kvevict.targets import repeat_frame  # noqa: E402
-from kvevict.validation import LOCAL  # noqa: E402
+from kvevict.validation import LOCAL, LOOKAHEAD_TOLERANCE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -116,6 +116,12 @@ def report(recipe: Recipe, history: list[dict] | None, card: dict, directory: Pa
                    f"budgets 10% and 25%, mean KL: {kls} -> **{card['allocator']}** ({v['seconds'] / 60:.1f} min). "
                    f"Long-range KL: each token's KL weighted by how much a StreamingLLM cache of {LOCAL} entries "
                    "(the first tokens and the latest) misses it (`kvevict.validation`).\n\n")
+        if "lookahead" in v:
+            per = "; ".join(f"{steps}: " + ", ".join(f"{float(b):.0%} {kl:.4f} / {lr:.4f}" for b, (kl, lr) in by.items())
+                            for steps, by in v["lookahead"]["kl"].items())
+            chosen = ", ".join(f"{float(b):.0%}: {steps}" for b, steps in v["lookahead"]["chosen"].items())
+            checked += (f"Lookahead (steps), per budget mean KL / long-range KL: {per} -> **{chosen}** (per budget, "
+                        f"the lowest long-range KL of those within {LOOKAHEAD_TOLERANCE:.0%} of the lowest mean KL).\n\n")
     where = f"{card['seconds'] / 60:.1f} min on {m.get('hardware', f'a 2-core CPU ({recipe.threads} threads)')}"
     data = f"data: {card['data']} ({trained_on}; held out: {held_out})"
     if recipe.method == "regression":

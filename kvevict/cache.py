@@ -327,7 +327,7 @@ class EvictingLayer(CacheLayerMixin):
             self.policy.scorer.observe(self.take_unscored())
 
     def score_inputs(self, queries: torch.Tensor | None = None, query_positions: torch.Tensor | None = None,
-                     query_real: torch.Tensor | None = None) -> ScoreInputs:
+                     query_real: torch.Tensor | None = None, kept: torch.Tensor | None = None) -> ScoreInputs:
         """What the scorer sees now; by default the remembered query window."""
         if queries is None and self.window is not None:
             queries, query_positions, query_real = self.window
@@ -335,7 +335,7 @@ class EvictingLayer(CacheLayerMixin):
             keys=self.kv.keys, values=self.kv.values, positions=self.kv.positions, layer_idx=self.layer_idx,
             seen=self.seen, scaling=self.scaling, state=self.kv.extra, queries=queries,
             query_positions=query_positions, query_real=query_real, module=self.module,
-            image=self.modality.lookup(self.kv.positions), hidden=self.hidden,
+            image=self.modality.lookup(self.kv.positions), hidden=self.hidden, kept=kept,
         )
 
     def selection_inputs(self, budget: torch.Tensor) -> SelectionInputs:
@@ -343,7 +343,10 @@ class EvictingLayer(CacheLayerMixin):
         pos = self.kv.positions
         valid = pos >= 0
         protected = valid & ((pos < self.sink_end[:, None, None]) | (pos >= self.seen - self.protection.recent))
-        inputs = self.score_inputs()
+        kept = None
+        if self.budget is not None:  # the model-wide share (before a per-layer allocator's factor)
+            kept = self.budget.entries(self.real).double() / self.real.clamp(min=1)
+        inputs = self.score_inputs(kept=kept)
         scores = self.policy.scorer.score(inputs)
         return SelectionInputs(scores, valid, protected, budget, self.depth, self.num_layers, inputs.image)
 

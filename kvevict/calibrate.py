@@ -41,7 +41,7 @@ from .evaluate import token_kl
 from .gates import Card, Fingerprint, RetentionGates, load_gates
 from .scoring.learned import check_lookahead
 from .targets import TARGETS
-from .validation import choose_allocator
+from .validation import HeldOut, choose_allocator, choose_lookahead
 
 SOFT_ATTENTION = "kvevict_soft"
 SCHEDULES = ("constant", "cosine")
@@ -74,6 +74,7 @@ class Recipe:
     tokens_per_window: int = 1024  # regression: entries sampled per window for the fit
     target: str = "kvzip"  # regression: "kvzip" (KVzip+, KVzap's) or "reuse" (kvevict.targets)
     lookahead: int = 0  # the learned score's lookahead (steps) in the check and on the card; 0: none
+    lookaheads: tuple[int, ...] = ()  # candidates the check chooses the card's lookahead from, per budget
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -95,6 +96,9 @@ class Recipe:
         check_corpus(self.data)
         check_corpus(self.held_out_data)
         check_lookahead(self.lookahead)
+        object.__setattr__(self, "lookaheads", tuple(self.lookaheads))  # a JSON recipe gives a list
+        for steps in self.lookaheads:
+            check_lookahead(steps)
         if self.validate_windows < 1:
             raise ValueError(f"validate_windows must be >= 1, got {self.validate_windows}")
 
@@ -272,13 +276,13 @@ def calibrate(model: PreTrainedModel, ids: list[int], recipe: Recipe, out: Path,
                  "recipe": asdict(recipe), "hardware": hardware(device, recipe.threads)},
     )
     if validation is not None:
-        check_allocator(model, gates.eval(), validation, recipe, card)
+        check_on_held_out(model, gates.eval(), validation, recipe, card)
     return gates.eval().save(out, card), history
 
 
 def recheck(model: PreTrainedModel, card_path: Path, validation: list[int], recipe: Recipe) -> Path:
-    """Choose the allocator of gates calibrated before (the card at ``card_path``) again on held-out
-    token ids ``validation``, under ``recipe``'s check settings; rewrite the card. Refuses a card
+    """Choose the allocator (and lookahead) of gates calibrated before (the card at ``card_path``) again
+    on held-out token ids ``validation``, under ``recipe``'s check settings; rewrite the card. Refuses a card
     trained with other settings than ``recipe``'s."""
     gates, card = load_gates(model.config, card_path)
     recorded = {k: v for k, v in card.metrics.get("recipe", {}).items() if k in Recipe.__dataclass_fields__}
@@ -286,21 +290,28 @@ def recheck(model: PreTrainedModel, card_path: Path, validation: list[int], reci
     if made != _training_settings(recipe):
         raise ValueError(f"{card_path} was calibrated with other settings ({made}) than this recipe "
                          f"({_training_settings(recipe)})")
-    card.metrics["recipe"], card.lookahead = asdict(recipe), recipe.lookahead
-    check_allocator(model, gates, validation, recipe, card)
+    card.metrics["recipe"] = asdict(recipe)
+    check_on_held_out(model, gates, validation, recipe, card)
     card.write(card_path)
     return card_path
 
 
-def check_allocator(model: PreTrainedModel, gates: RetentionGates, validation: list[int], recipe: Recipe, card: Card) -> None:
-    """Choose ``card``'s allocator on held-out token ids; record the candidates' KL in its metrics."""
+def check_on_held_out(model: PreTrainedModel, gates: RetentionGates, validation: list[int], recipe: Recipe,
+                      card: Card) -> None:
+    """Choose ``card``'s allocator on held-out token ids, then (given ``recipe.lookaheads``) its lookahead
+    per budget; record the candidates' KL in its metrics."""
     torch.set_num_threads(recipe.threads)
     started = time.perf_counter()
-    card.allocator, kl = choose_allocator(model, gates, validation, recipe.validate_len,
-                                          windows=recipe.validate_windows, lookahead=card.lookahead)
-    card.metrics["validation"] = {"data": recipe.held_out_data, "tokens_per_window": recipe.validate_len,
-                                  "windows": recipe.validate_windows, "kl": kl, "chosen": card.allocator,
-                                  "seconds": round(time.perf_counter() - started, 1)}
+    held_out = HeldOut(model, validation, recipe.validate_len, recipe.validate_windows)
+    card.allocator, kl = choose_allocator(held_out, gates, lookahead=recipe.lookahead)
+    card.lookahead = recipe.lookahead
+    check = {"data": recipe.held_out_data, "tokens_per_window": recipe.validate_len,
+             "windows": recipe.validate_windows, "kl": kl, "chosen": card.allocator}
+    if recipe.lookaheads:
+        card.lookahead, per_steps = choose_lookahead(held_out, gates, card.allocator, recipe.lookaheads,
+                                                     measured=(recipe.lookahead, kl[card.allocator]))
+        check["lookahead"] = {"kl": per_steps, "chosen": card.lookahead}
+    card.metrics["validation"] = {**check, "seconds": round(time.perf_counter() - started, 1)}
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -322,7 +333,7 @@ def _training_settings(recipe: Recipe) -> dict:
     """The recipe fields a resumed run must share with its checkpoint: all but the threads, the
     validation, the lookahead and (under a constant learning rate) the length of the run."""
     settings = asdict(recipe)
-    for free in ("threads", "validate_len", "validate_windows", "validate_data", "lookahead") + (
+    for free in ("threads", "validate_len", "validate_windows", "validate_data", "lookahead", "lookaheads") + (
             ("steps",) if recipe.schedule == "constant" else ()):
         settings.pop(free)
     return settings

@@ -62,7 +62,7 @@ class Card:
     seconds: float
     metrics: dict = field(default_factory=dict)
     allocator: str = DEFAULT_ALLOCATOR  # chosen on held-out text at the end of calibration
-    lookahead: int = 0  # steps of the learned score's lookahead (kvevict.scoring.learned; 0: none), the recipe's
+    lookahead: int | dict[str, int] = 0  # the learned score's (steps, 0: none), or steps per budget fraction
 
     def write(self, path: Path) -> None:
         """Write the card as JSON to ``path``."""

@@ -51,8 +51,8 @@ def resolve_policy(spec: str | Policy | Scorer, config: PretrainedConfig | None 
     the allocator its calibration chose: one balanced global budget, or fixed per-layer shares such as
     PyramidKV's), ``"learned+snapkv"`` / ``"learned+h2o"`` (the same gates plus observed attention,
     SnapKV's or H2O's estimate, at ``EVIDENCE_WEIGHT``); ``"learned@512"`` / ``"learned+snapkv@512"``
-    set the learned score's lookahead (steps; by default the card's). A threshold needs its ``tau``:
-    ``Policy(scorer, Threshold(tau))``.
+    set the learned score's lookahead (steps; by default the card's, which may depend on the budget).
+    A threshold needs its ``tau``: ``Policy(scorer, Threshold(tau))``.
     """
     if isinstance(spec, Policy):
         return spec
@@ -86,8 +86,11 @@ def _scorer(name: str, spec: str, config: PretrainedConfig | None) -> Scorer:
         gates, card = load_gates(config)
         weight = EVIDENCE_WEIGHT if evidence else 0.0
         lookahead = int(steps) if at else card.lookahead
-        return LearnedRetention(gates, lookahead, default_allocator=card.allocator, attention_weight=weight,
-                                evidence=evidence or SnapKV.name)
+        scorer = LearnedRetention(gates, lookahead, default_allocator=card.allocator, attention_weight=weight,
+                                  evidence=evidence or SnapKV.name)
+        if at and not lookahead:
+            scorer.name += "@0"  # asked for none: told apart from a card's lookahead (which may be per budget)
+        return scorer
     if name not in SCORERS:
         raise ValueError(f"unknown scorer {name!r} in policy {spec!r}; known: {available_policies()}")
     return SCORERS[name]()

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from .calibrate import Recipe, check_allocator, hardware, windows
+from .calibrate import Recipe, check_on_held_out, hardware, windows
 from .gates import Card, Fingerprint, RetentionGates
 from .targets import kvzip_targets, reuse_targets
 
@@ -156,7 +156,7 @@ def calibrate_regression(model: PreTrainedModel, ids: list[int], frame: tuple[li
                  "hardware": hardware(next(model.parameters()).device, recipe.threads)},
     )
     if validation is not None:
-        check_allocator(model, gates.eval(), validation, recipe, card)
+        check_on_held_out(model, gates.eval(), validation, recipe, card)
     return gates.eval().save(out, card), history
 
 

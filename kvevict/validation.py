@@ -12,6 +12,11 @@ full cache of a StreamingLLM cache that holds only the first tokens and the late
 only distant text predicts (a name, a number) weigh most, those any recent window predicts barely
 count: the measure that compares gate sets on what eviction is for (the all-token KL averages those
 few tokens away).
+
+Given candidate lookaheads, the check then chooses one per budget for the chosen allocator: of those
+that cost no continuation fidelity (mean KL within 1% of the lowest), the one with the lowest
+long-range KL. A lookahead trades continuation fidelity for recall of distant entries, and how much
+of either it buys depends on the budget.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from .selection import make_allocator
 
 CANDIDATES = ("global-balanced", "uniform", "pyramid")
 LOCAL = 512  # entries per head of the StreamingLLM cache whose errors give each token's reach
+LOOKAHEAD_TOLERANCE = 0.01  # a lookahead may cost this much mean KL (relative) for a lower long-range KL
 
 
 def reach_weighted(kl: torch.Tensor, reach: torch.Tensor) -> float:
@@ -37,40 +43,76 @@ def reach_weighted(kl: torch.Tensor, reach: torch.Tensor) -> float:
     return ((reach * kl).sum() / reach.sum().clamp(min=1e-12)).item()
 
 
-def choose_allocator(model: PreTrainedModel, gates: RetentionGates, ids: list[int], length: int,
-                     budgets: tuple[float, ...] = (0.1, 0.25), windows: int = 2,
-                     candidates: tuple[str, ...] = CANDIDATES, chunk: int = 512, lookahead: int = 0) -> tuple[str, dict]:
-    """The candidate with the lowest mean KL on ``windows`` held-out windows of ``length`` tokens of
-    ``ids`` (centred in equal parts of the text), and ``{candidate: {"kl": mean, "long_range_kl": mean,
-    budget: KL, "long_range": {budget: long-range KL}}}`` (means over budgets).
+class HeldOut:
+    """Windows of ``length`` tokens of held-out ``ids`` (``windows`` of them, centred in equal parts of
+    the text), their full-cache continuations and each scored token's reach.
 
     The last ``min(512, length // 4)`` tokens of each window are scored; the rest is compressed. The
-    reach comes from a StreamingLLM cache of ``min(LOCAL, prefix // 4)`` entries per head. The learned
-    score uses ``lookahead`` (:class:`.scoring.learned.LearnedRetention`)."""
-    if len(ids) < windows * length:
-        raise ValueError(f"validation needs {windows} windows of {length} tokens, the text has {len(ids)}")
-    part = len(ids) // windows
-    starts = [i * part + (part - length) // 2 for i in range(windows)]
-    docs = [torch.tensor([ids[s : s + length]], device=model.device) for s in starts]
-    prefix = length - min(512, length // 4)
-    full = [continuation_logits(model, d, prefix, DynamicCache(config=model.config), chunk)[0] for d in docs]
+    reach comes from a StreamingLLM cache of ``min(LOCAL, prefix // 4)`` entries per head."""
 
-    def token_kls(policy: str | Policy, budget: int | float) -> torch.Tensor:
+    def __init__(self, model: PreTrainedModel, ids: list[int], length: int, windows: int = 2, chunk: int = 512) -> None:
+        if len(ids) < windows * length:
+            raise ValueError(f"validation needs {windows} windows of {length} tokens, the text has {len(ids)}")
+        part = len(ids) // windows
+        starts = [i * part + (part - length) // 2 for i in range(windows)]
+        self.model, self.chunk = model, chunk
+        self.docs = [torch.tensor([ids[s : s + length]], device=model.device) for s in starts]
+        self.prefix = length - min(512, length // 4)
+        self.full = [continuation_logits(model, d, self.prefix, DynamicCache(config=model.config), chunk)[0]
+                     for d in self.docs]
+        self.reach = self.token_kls("streaming", min(LOCAL, self.prefix // 4))
+
+    def token_kls(self, policy: str | Policy, budget: int | float) -> torch.Tensor:
         """Per-token KL ``[windows x scored]`` of ``policy`` at ``budget`` on every window."""
         kls = []
-        for d, ref in zip(docs, full):
-            logits = continuation_logits(model, d, prefix, EvictionCache(model, policy, budget=budget), chunk)[0]
-            kls.append(compare_continuations(ref, logits, d[0, prefix + 1 :])[3])
+        for d, ref in zip(self.docs, self.full):
+            cache = EvictionCache(self.model, policy, budget=budget)
+            logits = continuation_logits(self.model, d, self.prefix, cache, self.chunk)[0]
+            kls.append(compare_continuations(ref, logits, d[0, self.prefix + 1 :])[3])
         return torch.cat(kls)
 
-    reach = token_kls("streaming", min(LOCAL, prefix // 4))
+    def kl(self, policy: str | Policy, budget: int | float) -> tuple[float, float]:
+        """The mean KL and the long-range KL of ``policy`` at ``budget``."""
+        kl = self.token_kls(policy, budget)
+        return kl.mean().item(), reach_weighted(kl, self.reach)
+
+
+def choose_allocator(held_out: HeldOut, gates: RetentionGates, budgets: tuple[float, ...] = (0.1, 0.25),
+                     candidates: tuple[str, ...] = CANDIDATES,
+                     lookahead: int | dict[float, int] = 0) -> tuple[str, dict]:
+    """The candidate with the lowest mean KL on the ``held_out`` windows, and ``{candidate: {"kl": mean,
+    "long_range_kl": mean, budget: KL, "long_range": {budget: long-range KL}}}`` (means over budgets).
+    The learned score uses ``lookahead`` (:class:`.scoring.learned.LearnedRetention`)."""
     results: dict[str, dict] = {}
     for name in tqdm(candidates, desc="validate allocators"):
         per_budget, long_range = {}, {}
         for budget in budgets:
-            kl = token_kls(Policy(LearnedRetention(gates, lookahead), make_allocator(name)), budget)
-            per_budget[str(budget)] = kl.mean().item()
-            long_range[str(budget)] = reach_weighted(kl, reach)
+            policy = Policy(LearnedRetention(gates, lookahead), make_allocator(name))
+            per_budget[str(budget)], long_range[str(budget)] = held_out.kl(policy, budget)
         results[name] = {"kl": sum(per_budget.values()) / len(per_budget),
                          "long_range_kl": sum(long_range.values()) / len(long_range), **per_budget, "long_range": long_range}
     return min(results, key=lambda n: results[n]["kl"]), results
+
+
+def choose_lookahead(held_out: HeldOut, gates: RetentionGates, allocator: str, candidates: tuple[int, ...],
+                     budgets: tuple[float, ...] = (0.1, 0.25), measured: tuple[int, dict] | None = None,
+                     tolerance: float = LOOKAHEAD_TOLERANCE) -> tuple[dict[str, int], dict]:
+    """Per budget, of the candidate lookaheads (steps) whose mean KL on the ``held_out`` windows under
+    ``allocator`` is within ``tolerance`` (relative) of the lowest, the one with the lowest long-range
+    KL: ``{budget: steps}``, and ``{steps: {budget: [KL, long-range KL]}}``. ``measured`` = ``(steps,
+    entry)``, :func:`choose_allocator`'s entry for ``allocator`` at that lookahead, spares measuring it
+    again."""
+    results: dict[str, dict] = {}
+    for steps in tqdm(candidates, desc="validate lookaheads"):
+        if measured is not None and steps == measured[0]:
+            entry = measured[1]
+            results[str(steps)] = {str(b): [entry[str(b)], entry["long_range"][str(b)]] for b in budgets}
+            continue
+        policy = Policy(LearnedRetention(gates, steps), make_allocator(allocator))
+        results[str(steps)] = {str(b): list(held_out.kl(policy, b)) for b in budgets}
+    chosen = {}
+    for b in map(str, budgets):
+        best = min(kl[b][0] for kl in results.values())
+        near = [n for n, kl in results.items() if kl[b][0] <= best * (1 + tolerance)]
+        chosen[b] = int(min(near, key=lambda n: results[n][b][1]))
+    return chosen, results

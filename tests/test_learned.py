@@ -18,7 +18,7 @@ from kvevict.scoring.h2o import H2O
 from kvevict.scoring.learned import LearnedRetention
 from kvevict.scoring.snapkv import SnapKV
 from kvevict.selection import Global, Pyramid, Threshold, Uniform
-from kvevict.validation import CANDIDATES, choose_allocator, reach_weighted
+from kvevict.validation import CANDIDATES, HeldOut, choose_lookahead, reach_weighted
 from conftest import left_padded, prompt, tiny_gemma3, tiny_llama
 
 
@@ -115,6 +115,61 @@ def test_lookahead_adds_the_expected_retention_of_the_next_steps(calibrated):
             LearnedRetention(gates, lookahead=bad)
 
 
+def test_lookahead_per_budget_follows_the_share_a_row_keeps(calibrated):
+    """``{fraction: steps}``: each selection scores with the steps of the budget nearest (in ratio) to the
+    share of its tokens the row keeps; it evicts exactly what that fixed lookahead evicts."""
+    model, card, _ = calibrated
+    gates, _ = load_gates(model.config, card)
+    schedule = LearnedRetention(gates, lookahead={"0.1": 50, 0.5: 0})  # a JSON card's keys are strings
+    assert schedule.lookahead == {0.1: 50, 0.5: 0} and schedule.name == "learned"
+    assert schedule.steps(torch.tensor([0.05, 0.2, 0.3, 1.0])).tolist() == [50, 50, 0, 0]
+    assert schedule.steps(None) == 0  # no budget (a threshold): the largest budget's
+    ids = prompt(60)
+    for budget, steps in ((0.2, 50), (0.5, 0), (12, 50), (40, 0)):  # 0.2 (12 of 60 tokens): nearer 0.1 than 0.5
+        kept = []
+        for scorer in (schedule, LearnedRetention(gates, lookahead=steps)):
+            cache = EvictionCache(model, Policy(scorer, Global()), budget=budget, sinks=2, recent=4, slack=0)
+            model(ids, **with_cache(model, cache))
+            kept.append([layer.kv.positions.clone() for layer in cache.layers])
+        assert all(torch.equal(a, b) for a, b in zip(*kept)), (budget, steps)
+    twin = []  # and the schedule is not the lookahead 0 there: it keeps other entries
+    for scorer in (schedule, LearnedRetention(gates)):
+        cache = EvictionCache(model, Policy(scorer, Global()), budget=0.2, sinks=2, recent=4, slack=0)
+        model(ids, **with_cache(model, cache))
+        twin.append([layer.kv.positions.clone() for layer in cache.layers])
+    assert not all(torch.equal(a, b) for a, b in zip(*twin))
+    for bad, message in (({}, "needs at least one budget"), ({"ten": 5}, "fraction in \\(0, 1\\], got 'ten'"),
+                         ({0: 5}, "fraction in \\(0, 1\\], got 0"), ({1.5: 5}, "got 1.5"),
+                         ({True: 5}, "got True"), ({0.1: -1}, "lookahead must be an int >= 0")):
+        with pytest.raises(ValueError, match=message):
+            LearnedRetention(gates, lookahead=bad)
+
+
+class FakeHeldOut:
+    """A held-out check whose KLs are given: ``{(steps, budget): (KL, long-range KL)}``."""
+
+    def __init__(self, kls: dict) -> None:
+        self.kls, self.asked = kls, []
+
+    def kl(self, policy: Policy, budget: float) -> tuple[float, float]:
+        self.asked.append((policy.scorer.lookahead, budget))
+        return self.kls[policy.scorer.lookahead, budget]
+
+
+def test_the_check_chooses_a_lookahead_per_budget_by_long_range_kl_at_no_cost_in_mean_kl(calibrated):
+    model, card, _ = calibrated
+    gates, _ = load_gates(model.config, card)
+    held_out = FakeHeldOut({(256, 0.1): (0.0291, 0.15), (2048, 0.1): (0.035, 0.11),  # 2048: too dear in mean KL
+                            (256, 0.25): (0.00805, 0.032), (2048, 0.25): (0.008, 0.034)})
+    known = {"0.1": 0.029, "0.25": 0.0095, "long_range": {"0.1": 0.20, "0.25": 0.031}}  # lookahead 0
+    chosen, kl = choose_lookahead(held_out, gates, "global-balanced", (0, 256, 2048), measured=(0, known))
+    assert chosen == {"0.1": 256, "0.25": 256}  # 0.1: 256 within 1% of 0's mean KL; 0.25: 2048 best, 256 within 1%
+    assert kl["0"] == {"0.1": [0.029, 0.20], "0.25": [0.0095, 0.031]} and kl["2048"]["0.1"] == [0.035, 0.11]
+    assert sorted(held_out.asked) == sorted(k for k in held_out.kls)  # lookahead 0 came from `measured`
+    chosen, _ = choose_lookahead(held_out, gates, "global-balanced", (0, 256, 2048), measured=(0, known), tolerance=0.3)
+    assert chosen == {"0.1": 2048, "0.25": 0}  # a looser tolerance trades more mean KL for long-range KL
+
+
 def test_learned_by_name_holds_a_balanced_global_budget(calibrated, monkeypatch):
     model, card, _ = calibrated
     monkeypatch.setattr(policy_module, "load_gates", lambda config: load_gates(config, card))
@@ -153,7 +208,7 @@ def test_calibration_chooses_the_allocator_on_held_out_text(calibrated, tmp_path
     assert policy_module.resolve_policy("learned", model.config).scorer.lookahead == 0
     path.write_text(json.dumps({**saved, "lookahead": 256}))  # the card's lookahead reaches the policy by name
     assert policy_module.resolve_policy("learned+snapkv", model.config).scorer.lookahead == 256
-    for name, scorer_name, lookahead in (("learned@512", "learned@512", 512), ("learned@0", "learned", 0),
+    for name, scorer_name, lookahead in (("learned@512", "learned@512", 512), ("learned@0", "learned@0", 0),
                                          ("pyramid:learned+h2o@64", "learned+h2o@64", 64)):  # or the name's
         scorer = policy_module.resolve_policy(name, model.config).scorer
         assert scorer.lookahead == lookahead and scorer.name == scorer_name
@@ -184,8 +239,21 @@ def test_recheck_rechooses_the_allocator_of_calibrated_gates(calibrated, tmp_pat
         recheck(model, path, held_out, Recipe(**{**same, "budget": 16}))
     recheck(model, path, held_out, Recipe(**same, lookahead=128))  # a lookahead is the check's, not the training's
     assert json.loads(path.read_text())["lookahead"] == 128
-    with pytest.raises(ValueError, match="lookahead must be an int >= 0"):
-        Recipe(**same, lookahead=-1)
+    recheck(model, path, held_out, Recipe(**same, lookaheads=[0, 32]))  # or one per budget, chosen there
+    after = json.loads(path.read_text())
+    check = after["metrics"]["validation"]["lookahead"]
+    assert set(check["kl"]) == {"0", "32"} and after["lookahead"] == check["chosen"]
+    for budget, steps in after["lookahead"].items():
+        assert steps == min((0, 32), key=lambda n: sum(check["kl"][str(n)][budget]))
+    assert check["kl"]["0"]["0.1"] == [after["metrics"]["validation"]["kl"][after["allocator"]]["0.1"],
+                                       after["metrics"]["validation"]["kl"][after["allocator"]]["long_range"]["0.1"]]
+    scorer = LearnedRetention(load_gates(model.config, path)[0], lookahead=after["lookahead"])
+    assert scorer.lookahead == {float(b): n for b, n in after["lookahead"].items()}
+    for bad in (-1, 1.5):
+        with pytest.raises(ValueError, match="lookahead must be an int >= 0"):
+            Recipe(**same, lookahead=bad)
+        with pytest.raises(ValueError, match="lookahead must be an int >= 0"):
+            Recipe(**same, lookaheads=[0, bad])
 
 
 def test_observed_attention_adds_to_the_learned_score(calibrated):
@@ -250,7 +318,7 @@ def test_validation_text_too_short_is_refused(calibrated):
     model, card, _ = calibrated
     gates, _ = load_gates(model.config, card)
     with pytest.raises(ValueError, match="validation needs 2 windows of 256 tokens, the text has 300"):
-        choose_allocator(model, gates, list(range(2, 302)), 256)
+        HeldOut(model, list(range(2, 302)), 256)
 
 
 def test_decoding_entries_wait_for_a_batch_until_a_selection(calibrated):

@@ -22,7 +22,8 @@ class ScoreInputs:
     ``image`` ``[B, H, S]`` marks image entries (``None`` when the cache was not told of any).
     ``hidden`` ``[B, q, D]`` is the layer's attention input for the newest ``q`` entries (only for
     :meth:`Scorer.observe`, and only when the scorer ``needs_hidden``): the current forward pass's, or
-    for a scorer that ``scores_late``, possibly those of several passes.
+    for a scorer that ``scores_late``, possibly those of several passes. ``kept`` ``[B]`` is the fraction
+    of its real tokens each row's budget keeps (only for :meth:`Scorer.score` in a selection under a budget).
     """
 
     keys: torch.Tensor
@@ -38,6 +39,7 @@ class ScoreInputs:
     module: torch.nn.Module | None = None
     image: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
+    kept: torch.Tensor | None = None
 
     @property
     def valid(self) -> torch.Tensor:

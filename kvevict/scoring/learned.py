@@ -3,7 +3,8 @@
 Each entry gets ``log beta`` from the retention gates when it is created (from the layer's attention
 input); at step ``t`` it is worth ``(t + 1 - i) log beta_i``, optionally with a lookahead of ``n``
 steps: ``(t + 1 - i) log beta + log(1 - beta^n) - log(1 - beta)`` (the entry's expected total
-retention over the next ``n`` steps). Scores share one scale across layers and heads, so the policy
+retention over the next ``n`` steps). The lookahead may depend on the budget (``{fraction: steps}``:
+the entry at the budget nearest to the fraction of its tokens a row keeps), as calibration chooses it. Scores share one scale across layers and heads, so the policy
 pairs with the global allocator (one budget for the whole model) or a threshold. Its default allocator
 is the one its calibration chose on held-out text (the card's ``allocator``).
 
@@ -18,6 +19,9 @@ observes every forward pass's attention and scores each pass at once (no batched
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Mapping
 
 import torch
 
@@ -38,19 +42,42 @@ def check_lookahead(lookahead: object) -> None:
         raise ValueError(f"lookahead must be an int >= 0 (steps; 0: none), got {lookahead!r}")
 
 
+def parse_lookahead(lookahead: object) -> int | dict[float, int]:
+    """A lookahead in steps, or one per budget ``{fraction: steps}`` (fractions in (0, 1], keys may be
+    strings as in a JSON card), checked; the per-budget form with float keys."""
+    if not isinstance(lookahead, Mapping):
+        check_lookahead(lookahead)
+        return lookahead  # type: ignore[return-value]
+    if not lookahead:
+        raise ValueError("a lookahead per budget needs at least one budget, got {}")
+    schedule = {}
+    for fraction, steps in lookahead.items():
+        try:
+            f = float(fraction)
+        except (TypeError, ValueError):
+            f = math.nan
+        if isinstance(fraction, bool) or not 0.0 < f <= 1.0:
+            raise ValueError(f"a lookahead's budget must be a fraction in (0, 1], got {fraction!r}")
+        check_lookahead(steps)
+        schedule[f] = steps
+    return schedule
+
+
 class LearnedRetention(Scorer):
     name = "learned"
     observes = True
     calibrated = True
     needs_hidden = True
 
-    def __init__(self, gates: RetentionGates, lookahead: int = 0, default_allocator: str = DEFAULT_ALLOCATOR,
-                 attention_weight: float = 0.0, evidence: str = SnapKV.name, window: int = 32) -> None:
-        """``evidence`` (``"snapkv"`` or ``"h2o"``) is the attention estimate added at ``attention_weight``;
-        ``window`` is SnapKV's query window."""
+    def __init__(self, gates: RetentionGates, lookahead: int | Mapping[float, int] = 0,
+                 default_allocator: str = DEFAULT_ALLOCATOR, attention_weight: float = 0.0,
+                 evidence: str = SnapKV.name, window: int = 32) -> None:
+        """``lookahead``: steps, or steps per budget fraction (``{0.1: 2048, 0.25: 0}``; the name then
+        shows none); ``evidence`` (``"snapkv"`` or ``"h2o"``) is the attention estimate added at
+        ``attention_weight``; ``window`` is SnapKV's query window."""
         if isinstance(attention_weight, bool) or not isinstance(attention_weight, (int, float)) or attention_weight < 0:
             raise ValueError(f"attention_weight must be a number >= 0, got {attention_weight!r}")
-        check_lookahead(lookahead)
+        lookahead = parse_lookahead(lookahead)
         if evidence not in EVIDENCE:
             raise ValueError(f"evidence must be one of {sorted(EVIDENCE)}, got {evidence!r}")
         self.gates, self.lookahead, self.default_allocator = gates, lookahead, default_allocator
@@ -59,7 +86,7 @@ class LearnedRetention(Scorer):
         if attention_weight:
             self.evidence = SnapKV(window) if evidence == SnapKV.name else EVIDENCE[evidence]()
             self.name = f"{type(self).name}+{evidence}"
-        if lookahead:
+        if isinstance(lookahead, int) and lookahead:
             self.name = f"{self.name}@{lookahead}"
         self.query_window = self.evidence.query_window if self.evidence else 0
         self.scores_late = not (self.evidence and self.evidence.observes)  # evidence seen each pass: score each pass
@@ -99,9 +126,24 @@ class LearnedRetention(Scorer):
         log_beta = inputs.state["log_beta"]
         age = (inputs.seen - inputs.positions).clamp(min=1).float()
         score = age * log_beta
-        if self.lookahead:  # log((1 - beta^n) / (1 - beta)), exact as beta -> 1 (where it tends to log n)
+        steps = self.steps(inputs.kept)
+        if isinstance(steps, torch.Tensor) or steps:  # log((1 - beta^n) / (1 - beta)): 0 at n = 1, log n as beta -> 1
             x = log_beta.clamp(max=-LOG_BETA_CEILING)
-            score = score + (torch.expm1(self.lookahead * x) / torch.expm1(x)).log()
+            n = steps.clamp(min=1).view(-1, 1, 1).to(x) if isinstance(steps, torch.Tensor) else steps
+            score = score + (torch.expm1(n * x) / torch.expm1(x)).log()
         if self.evidence is not None:
             score = score + self.attention_weight * self.evidence.score(inputs).clamp(min=ATTENTION_FLOOR).log()
         return score
+
+    def steps(self, kept: torch.Tensor | None) -> int | torch.Tensor:
+        """The lookahead: its steps, or for one per budget, ``[B]`` steps at the budget nearest (in ratio)
+        to the fraction ``kept`` ``[B]`` of its tokens each row keeps; without a budget (a threshold, or
+        scores looked at outside a selection) the steps of its largest budget."""
+        if isinstance(self.lookahead, int):
+            return self.lookahead
+        fractions = sorted(self.lookahead)
+        if kept is None:
+            return self.lookahead[fractions[-1]]
+        logs = torch.tensor(fractions, dtype=torch.float64, device=kept.device).log()
+        nearest = (kept.double().clamp(min=1e-12).log()[:, None] - logs).abs().argmin(-1)
+        return torch.tensor([self.lookahead[f] for f in fractions], device=kept.device)[nearest]
