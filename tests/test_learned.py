@@ -219,7 +219,7 @@ def test_calibration_chooses_the_allocator_on_held_out_text(calibrated, tmp_path
         policy_module.resolve_policy("snapkv@512", model.config)
 
 
-def test_recheck_rechooses_the_allocator_of_calibrated_gates(calibrated, tmp_path):
+def test_recheck_rechooses_the_allocator_of_calibrated_gates(calibrated, tmp_path, bench_script):
     model, card, _ = calibrated
     same = dict(model="tiny-llama", seq_len=64, budget=8, steps=40, lr=1e-2, width=16, validate_len=256)
     held_out = torch.randint(2, 96, (600,), generator=torch.Generator().manual_seed(1)).tolist()
@@ -249,6 +249,9 @@ def test_recheck_rechooses_the_allocator_of_calibrated_gates(calibrated, tmp_pat
                                        after["metrics"]["validation"]["kl"][after["allocator"]]["long_range"]["0.1"]]
     scorer = LearnedRetention(load_gates(model.config, path)[0], lookahead=after["lookahead"])
     assert scorer.lookahead == {float(b): n for b, n in after["lookahead"].items()}
+    bench_script("calibrate", folder="calibration").report(Recipe(**same, lookaheads=[0, 32]), None, after, tmp_path, "r")
+    chosen = ", ".join(f"{float(b):.0%}: {n}" for b, n in after["lookahead"].items())
+    assert f"-> **{chosen}** (per budget" in (tmp_path / "r.md").read_text()
     for bad in (-1, 1.5):
         with pytest.raises(ValueError, match="lookahead must be an int >= 0"):
             Recipe(**same, lookahead=bad)
