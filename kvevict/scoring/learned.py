@@ -4,9 +4,10 @@ Each entry gets ``log beta`` from the retention gates when it is created (from t
 input); at step ``t`` it is worth ``(t + 1 - i) log beta_i``, optionally with a lookahead of ``n``
 steps: ``(t + 1 - i) log beta + log(1 - beta^n) - log(1 - beta)`` (the entry's expected total
 retention over the next ``n`` steps). The lookahead may depend on the budget (``{fraction: steps}``:
-the entry at the budget nearest to the fraction of its tokens a row keeps), as calibration chooses it. Scores share one scale across layers and heads, so the policy
-pairs with the global allocator (one budget for the whole model) or a threshold. Its default allocator
-is the one its calibration chose on held-out text (the card's ``allocator``).
+the entry at the budget nearest to the fraction of its tokens a row keeps). Scores share one scale
+across layers and heads, so the policy pairs with the global allocator (one budget for the whole
+model) or a threshold. Its default allocator and lookahead are the ones its calibration chose on
+held-out text (the card's ``allocator`` and ``lookahead``).
 
 With ``attention_weight`` ``w > 0`` the gates' prior is combined with observed evidence: the score
 adds ``w log a_i``, where ``a_i`` is the attention entry ``i`` receives. ``"learned+snapkv"`` takes
@@ -72,7 +73,7 @@ class LearnedRetention(Scorer):
     def __init__(self, gates: RetentionGates, lookahead: int | Mapping[float, int] = 0,
                  default_allocator: str = DEFAULT_ALLOCATOR, attention_weight: float = 0.0,
                  evidence: str = SnapKV.name, window: int = 32) -> None:
-        """``lookahead``: steps, or steps per budget fraction (``{0.1: 2048, 0.25: 0}``; the name then
+        """``lookahead``: steps, or steps per budget fraction (``{0.1: 256, 0.25: 0}``; the name then
         shows none); ``evidence`` (``"snapkv"`` or ``"h2o"``) is the attention estimate added at
         ``attention_weight``; ``window`` is SnapKV's query window."""
         if isinstance(attention_weight, bool) or not isinstance(attention_weight, (int, float)) or attention_weight < 0:
