@@ -122,6 +122,11 @@ def report(recipe: Recipe, history: list[dict] | None, card: dict, directory: Pa
             chosen = ", ".join(f"{float(b):.0%}: {steps}" for b, steps in v["lookahead"]["chosen"].items())
             checked += (f"Lookahead (steps), per budget mean KL / long-range KL: {per} -> **{chosen}** (per budget, "
                         f"the lowest long-range KL of those within {LOOKAHEAD_TOLERANCE:.0%} of the lowest mean KL).\n\n")
+        if "novelty" in v:
+            per = "; ".join(f"{w}: " + ", ".join(f"{float(b):.0%} {kl:.4f} / {lr:.4f}" for b, (kl, lr) in by.items())
+                            for w, by in v["novelty"]["kl"].items())
+            checked += (f"Novelty weight (KeyDiff's signal), per budget mean KL / long-range KL: {per} -> "
+                        f"**{v['novelty']['chosen']:g}** (the lowest mean KL over the budgets).\n\n")
     where = f"{card['seconds'] / 60:.1f} min on {m.get('hardware', f'a 2-core CPU ({recipe.threads} threads)')}"
     data = f"data: {card['data']} ({trained_on}; held out: {held_out})"
     if recipe.method == "regression":

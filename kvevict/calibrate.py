@@ -39,9 +39,9 @@ from .compat import attention_input, attention_modules
 from .data import check_corpus
 from .evaluate import token_kl
 from .gates import Card, Fingerprint, RetentionGates, load_gates
-from .scoring.learned import check_lookahead
+from .scoring.learned import check_lookahead, check_novelty
 from .targets import TARGETS
-from .validation import HeldOut, choose_allocator, choose_lookahead
+from .validation import HeldOut, choose_allocator, choose_lookahead, choose_novelty
 
 SOFT_ATTENTION = "kvevict_soft"
 SCHEDULES = ("constant", "cosine")
@@ -75,6 +75,7 @@ class Recipe:
     target: str = "kvzip"  # regression: "kvzip" (KVzip+, KVzap's) or "reuse" (kvevict.targets)
     lookahead: int = 0  # the learned score's lookahead (steps) in the check and on the card; 0: none
     lookaheads: tuple[int, ...] = ()  # candidates the check chooses the card's lookahead from, per budget
+    novelties: tuple[float, ...] = ()  # candidate weights of KeyDiff's signal the check chooses the card's from
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -99,6 +100,9 @@ class Recipe:
         object.__setattr__(self, "lookaheads", tuple(self.lookaheads))  # a JSON recipe gives a list
         for steps in self.lookaheads:
             check_lookahead(steps)
+        object.__setattr__(self, "novelties", tuple(self.novelties))
+        for weight in self.novelties:
+            check_novelty(weight)
         if self.validate_windows < 1:
             raise ValueError(f"validate_windows must be >= 1, got {self.validate_windows}")
 
@@ -281,7 +285,7 @@ def calibrate(model: PreTrainedModel, ids: list[int], recipe: Recipe, out: Path,
 
 
 def recheck(model: PreTrainedModel, card_path: Path, validation: list[int], recipe: Recipe) -> Path:
-    """Choose the allocator (and lookahead) of gates calibrated before (the card at ``card_path``) again
+    """Choose the allocator (and lookahead, novelty) of gates calibrated before (the card at ``card_path``) again
     on held-out token ids ``validation``, under ``recipe``'s check settings; rewrite the card. Refuses a card
     trained with other settings than ``recipe``'s."""
     gates, card = load_gates(model.config, card_path)
@@ -299,7 +303,7 @@ def recheck(model: PreTrainedModel, card_path: Path, validation: list[int], reci
 def check_on_held_out(model: PreTrainedModel, gates: RetentionGates, validation: list[int], recipe: Recipe,
                       card: Card) -> None:
     """Choose ``card``'s allocator on held-out token ids, then (given ``recipe.lookaheads``) its lookahead
-    per budget; record the candidates' KL in its metrics."""
+    per budget, then (given ``recipe.novelties``) its novelty weight; record the candidates' KL in its metrics."""
     torch.set_num_threads(recipe.threads)
     started = time.perf_counter()
     held_out = HeldOut(model, validation, recipe.validate_len, recipe.validate_windows)
@@ -311,6 +315,16 @@ def check_on_held_out(model: PreTrainedModel, gates: RetentionGates, validation:
         card.lookahead, per_steps = choose_lookahead(held_out, gates, card.allocator, recipe.lookaheads,
                                                      measured=(recipe.lookahead, kl[card.allocator]))
         check["lookahead"] = {"kl": per_steps, "chosen": card.lookahead}
+    card.novelty = 0.0
+    if recipe.novelties:  # weight 0 under the chosen allocator and lookahead was measured above
+        if recipe.lookaheads:
+            known = {b: per_steps[str(n)][b] for b, n in card.lookahead.items()}
+        else:
+            entry = kl[card.allocator]
+            known = {b: [entry[b], entry["long_range"][b]] for b in entry["long_range"]}
+        card.novelty, per_weight = choose_novelty(held_out, gates, card.allocator, card.lookahead,
+                                                  recipe.novelties, measured=(0.0, known))
+        check["novelty"] = {"kl": per_weight, "chosen": card.novelty}
     card.metrics["validation"] = {**check, "seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -333,7 +347,8 @@ def _training_settings(recipe: Recipe) -> dict:
     """The recipe fields a resumed run must share with its checkpoint: all but the threads, the
     validation, the lookahead and (under a constant learning rate) the length of the run."""
     settings = asdict(recipe)
-    for free in ("threads", "validate_len", "validate_windows", "validate_data", "lookahead", "lookaheads") + (
+    for free in ("threads", "validate_len", "validate_windows", "validate_data", "lookahead", "lookaheads",
+                 "novelties") + (
             ("steps",) if recipe.schedule == "constant" else ()):
         settings.pop(free)
     return settings

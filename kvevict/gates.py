@@ -63,6 +63,7 @@ class Card:
     metrics: dict = field(default_factory=dict)
     allocator: str = DEFAULT_ALLOCATOR  # chosen on held-out text at the end of calibration
     lookahead: int | dict[str, int] = 0  # the learned score's (steps, 0: none), or steps per budget fraction
+    novelty: float = 0.0  # the weight of KeyDiff's signal in the learned score (0: none)
 
     def write(self, path: Path) -> None:
         """Write the card as JSON to ``path``."""

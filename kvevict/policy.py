@@ -51,7 +51,8 @@ def resolve_policy(spec: str | Policy | Scorer, config: PretrainedConfig | None 
     the allocator its calibration chose: one balanced global budget, or fixed per-layer shares such as
     PyramidKV's), ``"learned+snapkv"`` / ``"learned+h2o"`` (the same gates plus observed attention,
     SnapKV's or H2O's estimate, at ``EVIDENCE_WEIGHT``); ``"learned@512"`` / ``"learned+snapkv@512"``
-    set the learned score's lookahead (steps; by default the card's, which may depend on the budget).
+    set the learned score's lookahead (steps; by default the card's, which may depend on the budget);
+    ``"learned~0.5"`` / ``"learned@256~0"`` the weight of its key-novelty term (by default the card's).
     A threshold needs its ``tau``: ``Policy(scorer, Threshold(tau))``.
     """
     if isinstance(spec, Policy):
@@ -75,25 +76,40 @@ def _scorer(name: str, spec: str, config: PretrainedConfig | None) -> Scorer:
         return DART(_scorer(text, spec, config) if text else None)
     if name.startswith(CRITICAL):
         return CriticalKV(_scorer(name.removeprefix(CRITICAL), spec, config))
-    base, at, steps = name.partition("@")
+    rest, tilde, novelty = name.partition("~")
+    base, at, steps = rest.partition("@")
     learned, _, evidence = base.partition("+")
     if learned == LearnedRetention.name and (not evidence or evidence in EVIDENCE):
         if at and not steps.isdigit():
             raise ValueError(f"the lookahead after '@' in policy {spec!r} must be a whole number of steps "
                              f"(e.g. learned@512), got {steps!r}")
+        if tilde and not _is_number(novelty):
+            raise ValueError(f"the novelty after '~' in policy {spec!r} must be a number (e.g. learned~0.5), "
+                             f"got {novelty!r}")
         if config is None:
             raise ValueError("the learned policy is calibrated per model: resolve it with the model's config")
         gates, card = load_gates(config)
         weight = EVIDENCE_WEIGHT if evidence else 0.0
         lookahead = int(steps) if at else card.lookahead
         scorer = LearnedRetention(gates, lookahead, default_allocator=card.allocator, attention_weight=weight,
-                                  evidence=evidence or SnapKV.name)
+                                  evidence=evidence or SnapKV.name,
+                                  novelty=float(novelty) if tilde else card.novelty)
         if at and not lookahead:
             scorer.name += "@0"  # asked for none: told apart from a card's lookahead (which may be per budget)
+        if tilde:
+            scorer.name += f"~{float(novelty):g}"  # asked for: told apart from the card's
         return scorer
     if name not in SCORERS:
         raise ValueError(f"unknown scorer {name!r} in policy {spec!r}; known: {available_policies()}")
     return SCORERS[name]()
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,9 @@ Given candidate lookaheads, the check then chooses one per budget for the chosen
 that cost no continuation fidelity (mean KL within 1% of the lowest), the one with the lowest
 long-range KL. A lookahead trades continuation fidelity for recall of distant entries, and how much
 of either it buys depends on the budget.
+
+Given candidate novelty weights (KeyDiff's signal added to the learned score), it last chooses the one
+with the lowest mean KL over the budgets, under the chosen allocator and lookahead.
 """
 
 from __future__ import annotations
@@ -116,3 +119,20 @@ def choose_lookahead(held_out: HeldOut, gates: RetentionGates, allocator: str, c
         near = [n for n, kl in results.items() if kl[b][0] <= best * (1 + tolerance)]
         chosen[b] = int(min(near, key=lambda n: results[n][b][1]))
     return chosen, results
+
+
+def choose_novelty(held_out: HeldOut, gates: RetentionGates, allocator: str, lookahead: int | dict,
+                   candidates: tuple[float, ...], budgets: tuple[float, ...] = (0.1, 0.25),
+                   measured: tuple[float, dict] | None = None) -> tuple[float, dict]:
+    """Of the candidate novelty weights, the one with the lowest mean KL over ``budgets`` on the
+    ``held_out`` windows under ``allocator`` and ``lookahead``; and ``{weight: {budget: [KL, long-range
+    KL]}}``. ``measured`` = ``(weight, {budget: [KL, long-range KL]})`` spares measuring that one again."""
+    results: dict[str, dict] = {}
+    for weight in tqdm(candidates, desc="validate novelty"):
+        if measured is not None and weight == measured[0]:
+            results[f"{weight:g}"] = measured[1]
+            continue
+        policy = Policy(LearnedRetention(gates, lookahead, novelty=weight), make_allocator(allocator))
+        results[f"{weight:g}"] = {str(b): list(held_out.kl(policy, b)) for b in budgets}
+    best = min(results, key=lambda w: sum(kl[0] for kl in results[w].values()))
+    return float(best), results

@@ -15,10 +15,11 @@ from kvevict import policy as policy_module
 from kvevict.calibrate import SINKS, Recipe, SoftEviction, calibrate, capacity_loss, long_range_weights, recheck
 from kvevict.gates import Fingerprint, RetentionGates, load_gates
 from kvevict.scoring.h2o import H2O
+from kvevict.scoring.keydiff import KeyDiff
 from kvevict.scoring.learned import LearnedRetention
 from kvevict.scoring.snapkv import SnapKV
 from kvevict.selection import Global, Pyramid, Threshold, Uniform
-from kvevict.validation import CANDIDATES, HeldOut, choose_lookahead, reach_weighted
+from kvevict.validation import CANDIDATES, HeldOut, choose_lookahead, choose_novelty, reach_weighted
 from conftest import left_padded, prompt, tiny_gemma3, tiny_llama
 
 
@@ -145,6 +146,49 @@ def test_lookahead_per_budget_follows_the_share_a_row_keeps(calibrated):
             LearnedRetention(gates, lookahead=bad)
 
 
+def test_novelty_adds_keydiffs_signal_and_keeps_the_key_that_stands_out(calibrated):
+    """``novelty`` v adds ``v * (-cos(key, head's mean key))``: among entries the gates rate alike, the
+    one whose key differs from the rest survives a budget the gates alone would evict it under."""
+    model, card, _ = calibrated
+    gates, _ = load_gates(model.config, card)
+    plain, novel = LearnedRetention(gates), LearnedRetention(gates, novelty=2.0)
+    assert novel.name == "learned" and novel.novelty == 2.0
+    cache = EvictionCache(model, Policy(plain, Global()), budget=1.0, sinks=2, recent=4, slack=0)
+    model(prompt(60), **with_cache(model, cache))
+    inputs = cache.layers[0].score_inputs()
+    torch.testing.assert_close(novel.score(inputs), plain.score(inputs) + 2.0 * KeyDiff().score(inputs))
+    inputs.state["log_beta"].fill_(-0.01)  # the gates rate every entry alike; one key stands out
+    inputs.keys[0, 0, 20] = -inputs.keys[0, 0].mean(0) * 5
+    order = [s.score(inputs)[0, 0, :50].argsort(descending=True)[:10] for s in (plain, novel)]
+    assert 20 in order[1].tolist() and 20 not in order[0].tolist()
+    for bad in (-0.5, True, "1", float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="novelty must be a number >= 0"):
+            LearnedRetention(gates, novelty=bad)
+
+
+def test_the_check_chooses_the_novelty_weight_of_lowest_mean_kl(calibrated):
+    model, card, _ = calibrated
+    gates, _ = load_gates(model.config, card)
+
+    class HeldOutByWeight:
+        def __init__(self) -> None:
+            self.asked = []
+
+        def kl(self, policy: Policy, budget: float) -> tuple[float, float]:
+            self.asked.append((policy.scorer.novelty, budget, policy.scorer.lookahead))
+            return {(1.0, 0.1): (0.027, 0.3), (1.0, 0.25): (0.0094, 0.05),  # lowest mean KL, highest long-range
+                    (2.0, 0.1): (0.026, 0.1), (2.0, 0.25): (0.0120, 0.03)}[policy.scorer.novelty, budget]
+
+    held_out = HeldOutByWeight()
+    known = {"0.1": [0.029, 0.2], "0.25": [0.0095, 0.031]}  # weight 0, measured by the lookahead check
+    chosen, kl = choose_novelty(held_out, gates, "global-balanced", {"0.1": 256, "0.25": 0}, (0, 1, 2),
+                                measured=(0.0, known))
+    assert chosen == 1.0 and kl == {"0": known, "1": {"0.1": [0.027, 0.3], "0.25": [0.0094, 0.05]},
+                                    "2": {"0.1": [0.026, 0.1], "0.25": [0.012, 0.03]}}
+    assert sorted(a[:2] for a in held_out.asked) == [(1.0, 0.1), (1.0, 0.25), (2.0, 0.1), (2.0, 0.25)]
+    assert all(a[2] == {0.1: 256, 0.25: 0} for a in held_out.asked)  # under the chosen lookahead
+
+
 class FakeHeldOut:
     """A held-out check whose KLs are given: ``{(steps, budget): (KL, long-range KL)}``."""
 
@@ -212,6 +256,17 @@ def test_calibration_chooses_the_allocator_on_held_out_text(calibrated, tmp_path
                                          ("pyramid:learned+h2o@64", "learned+h2o@64", 64)):  # or the name's
         scorer = policy_module.resolve_policy(name, model.config).scorer
         assert scorer.lookahead == lookahead and scorer.name == scorer_name
+    assert policy_module.resolve_policy("learned", model.config).scorer.novelty == 0.0
+    path.write_text(json.dumps({**saved, "novelty": 0.5}))  # the card's novelty weight reaches the policy by name
+    for name, scorer_name, novelty in (("learned", "learned", 0.5), ("learned~0", "learned~0", 0.0),
+                                       ("learned@256~1.5", "learned@256~1.5", 1.5), ("learned+h2o~2", "learned+h2o~2", 2.0)):
+        scorer = policy_module.resolve_policy(name, model.config).scorer
+        assert scorer.novelty == novelty and scorer.name == scorer_name
+    for bad in ("learned~", "learned~x", "learned~0.5~1"):
+        with pytest.raises(ValueError, match="novelty after '~' .* must be a number"):
+            policy_module.resolve_policy(bad, model.config)
+    with pytest.raises(ValueError, match="novelty must be a number >= 0"):
+        policy_module.resolve_policy("learned~-1", model.config)
     for bad in ("learned@", "learned@-5", "learned@1e3", "learned+snapkv@x"):
         with pytest.raises(ValueError, match="lookahead after '@' .* must be a whole number"):
             policy_module.resolve_policy(bad, model.config)
@@ -252,6 +307,21 @@ def test_recheck_rechooses_the_allocator_of_calibrated_gates(calibrated, tmp_pat
     bench_script("calibrate", folder="calibration").report(Recipe(**same, lookaheads=[0, 32]), None, after, tmp_path, "r")
     chosen = ", ".join(f"{float(b):.0%}: {n}" for b, n in after["lookahead"].items())
     assert f"-> **{chosen}** (per budget" in (tmp_path / "r.md").read_text()
+    recheck(model, path, held_out, Recipe(**same, lookaheads=[0, 32], novelties=[0, 1]))  # then a novelty weight
+    after = json.loads(path.read_text())
+    check = after["metrics"]["validation"]
+    per_weight = check["novelty"]["kl"]
+    assert set(per_weight) == {"0", "1"} and after["novelty"] == check["novelty"]["chosen"]
+    assert after["novelty"] == float(min(per_weight, key=lambda w: sum(kl[0] for kl in per_weight[w].values())))
+    assert per_weight["0"] == {b: check["lookahead"]["kl"][str(n)][b] for b, n in after["lookahead"].items()}
+    bench_script("calibrate", folder="calibration").report(Recipe(**same, novelties=[0, 1]), None, after, tmp_path, "r")
+    assert f"-> **{after['novelty']:g}** (the lowest mean KL" in (tmp_path / "r.md").read_text()
+    recheck(model, path, held_out, Recipe(**same, novelties=[0, 1]))  # without lookaheads: weight 0 from the allocators
+    again = json.loads(path.read_text())["metrics"]["validation"]
+    assert again["novelty"]["kl"]["0"]["0.25"] == [again["kl"][again["chosen"]]["0.25"],
+                                                   again["kl"][again["chosen"]]["long_range"]["0.25"]]
+    with pytest.raises(ValueError, match="novelty must be a number >= 0"):
+        Recipe(**same, novelties=[0, -1])
     for bad in (-1, 1.5):
         with pytest.raises(ValueError, match="lookahead must be an int >= 0"):
             Recipe(**same, lookahead=bad)

@@ -7,7 +7,11 @@ retention over the next ``n`` steps). The lookahead may depend on the budget (``
 the entry at the budget nearest to the fraction of its tokens a row keeps). Scores share one scale
 across layers and heads, so the policy pairs with the global allocator (one budget for the whole
 model) or a threshold. Its default allocator and lookahead are the ones its calibration chose on
-held-out text (the card's ``allocator`` and ``lookahead``).
+held-out text (the card's ``allocator``, ``lookahead`` and ``novelty``).
+
+With ``novelty`` ``v > 0`` the score adds ``v (-cos(k_i, mean key))``, KeyDiff's signal: of entries
+the gates rate alike, those whose key stands out from the head's others stay (in repetitive text the
+gates see many near-identical entries; the one that differs is what a later question asks for).
 
 With ``attention_weight`` ``w > 0`` the gates' prior is combined with observed evidence: the score
 adds ``w log a_i``, where ``a_i`` is the attention entry ``i`` receives. ``"learned+snapkv"`` takes
@@ -29,6 +33,7 @@ import torch
 from ..gates import DEFAULT_ALLOCATOR, RetentionGates
 from .base import Scorer, ScoreInputs
 from .h2o import H2O
+from .keydiff import KeyDiff
 from .snapkv import SnapKV
 
 LOG_BETA_CEILING = 1e-12  # log beta closer to 0 than this counts as this in the lookahead (no 0 / 0)
@@ -41,6 +46,12 @@ def check_lookahead(lookahead: object) -> None:
     """Refuse a lookahead that is not a whole number of steps >= 0."""
     if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
         raise ValueError(f"lookahead must be an int >= 0 (steps; 0: none), got {lookahead!r}")
+
+
+def check_novelty(novelty: object) -> None:
+    """Refuse a novelty weight that is not a number >= 0."""
+    if isinstance(novelty, bool) or not isinstance(novelty, (int, float)) or not 0 <= novelty < math.inf:
+        raise ValueError(f"novelty must be a number >= 0 (the weight of KeyDiff's signal; 0: none), got {novelty!r}")
 
 
 def parse_lookahead(lookahead: object) -> int | dict[float, int]:
@@ -72,17 +83,19 @@ class LearnedRetention(Scorer):
 
     def __init__(self, gates: RetentionGates, lookahead: int | Mapping[float, int] = 0,
                  default_allocator: str = DEFAULT_ALLOCATOR, attention_weight: float = 0.0,
-                 evidence: str = SnapKV.name, window: int = 32) -> None:
+                 evidence: str = SnapKV.name, window: int = 32, novelty: float = 0.0) -> None:
         """``lookahead``: steps, or steps per budget fraction (``{0.1: 256, 0.25: 0}``; the name then
         shows none); ``evidence`` (``"snapkv"`` or ``"h2o"``) is the attention estimate added at
-        ``attention_weight``; ``window`` is SnapKV's query window."""
+        ``attention_weight``; ``window`` is SnapKV's query window; ``novelty`` the weight of KeyDiff's
+        signal."""
         if isinstance(attention_weight, bool) or not isinstance(attention_weight, (int, float)) or attention_weight < 0:
             raise ValueError(f"attention_weight must be a number >= 0, got {attention_weight!r}")
         lookahead = parse_lookahead(lookahead)
+        check_novelty(novelty)
         if evidence not in EVIDENCE:
             raise ValueError(f"evidence must be one of {sorted(EVIDENCE)}, got {evidence!r}")
         self.gates, self.lookahead, self.default_allocator = gates, lookahead, default_allocator
-        self.attention_weight = float(attention_weight)
+        self.attention_weight, self.novelty = float(attention_weight), float(novelty)
         self.evidence = None
         if attention_weight:
             self.evidence = SnapKV(window) if evidence == SnapKV.name else EVIDENCE[evidence]()
@@ -134,6 +147,8 @@ class LearnedRetention(Scorer):
             score = score + (torch.expm1(n * x) / torch.expm1(x)).log()
         if self.evidence is not None:
             score = score + self.attention_weight * self.evidence.score(inputs).clamp(min=ATTENTION_FLOOR).log()
+        if self.novelty:
+            score = score + self.novelty * KeyDiff().score(inputs)
         return score
 
     def steps(self, kept: torch.Tensor | None) -> int | torch.Tensor:
