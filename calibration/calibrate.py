@@ -98,6 +98,12 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def _per_budget(kl: dict) -> str:
+    """``{candidate: {budget: [KL, long-range KL]}}`` as report text."""
+    return "; ".join(f"{name}: " + ", ".join(f"{float(b):.0%} {k:.4f} / {lr:.4f}" for b, (k, lr) in by.items())
+                     for name, by in kl.items())
+
+
 def report(recipe: Recipe, history: list[dict] | None, card: dict, directory: Path, name: str) -> None:
     """A markdown summary of the run and (given its ``history``) the loss curve as PNG:
     ``<directory>/<name>.{md,png}`` (``name``: the recipe's file name without ``.json``)."""
@@ -117,16 +123,14 @@ def report(recipe: Recipe, history: list[dict] | None, card: dict, directory: Pa
                    f"Long-range KL: each token's KL weighted by how much a StreamingLLM cache of {LOCAL} entries "
                    "(the first tokens and the latest) misses it (`kvevict.validation`).\n\n")
         if "lookahead" in v:
-            per = "; ".join(f"{steps}: " + ", ".join(f"{float(b):.0%} {kl:.4f} / {lr:.4f}" for b, (kl, lr) in by.items())
-                            for steps, by in v["lookahead"]["kl"].items())
             chosen = ", ".join(f"{float(b):.0%}: {steps}" for b, steps in v["lookahead"]["chosen"].items())
-            checked += (f"Lookahead (steps), per budget mean KL / long-range KL: {per} -> **{chosen}** (per budget, "
-                        f"the lowest long-range KL of those within {LOOKAHEAD_TOLERANCE:.0%} of the lowest mean KL).\n\n")
+            checked += (f"Lookahead (steps), per budget mean KL / long-range KL: {_per_budget(v['lookahead']['kl'])} "
+                        f"-> **{chosen}** (per budget, the lowest long-range KL of those within "
+                        f"{LOOKAHEAD_TOLERANCE:.0%} of the lowest mean KL).\n\n")
         if "novelty" in v:
-            per = "; ".join(f"{w}: " + ", ".join(f"{float(b):.0%} {kl:.4f} / {lr:.4f}" for b, (kl, lr) in by.items())
-                            for w, by in v["novelty"]["kl"].items())
-            checked += (f"Novelty weight (KeyDiff's signal), per budget mean KL / long-range KL: {per} -> "
-                        f"**{v['novelty']['chosen']:g}** (the lowest mean KL over the budgets).\n\n")
+            checked += (f"Novelty weight (KeyDiff's signal), per budget mean KL / long-range KL: "
+                        f"{_per_budget(v['novelty']['kl'])} -> **{v['novelty']['chosen']:g}** (the lowest mean KL "
+                        "over the budgets).\n\n")
     where = f"{card['seconds'] / 60:.1f} min on {m.get('hardware', f'a 2-core CPU ({recipe.threads} threads)')}"
     data = f"data: {card['data']} ({trained_on}; held out: {held_out})"
     if recipe.method == "regression":

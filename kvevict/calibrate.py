@@ -41,7 +41,7 @@ from .evaluate import token_kl
 from .gates import Card, Fingerprint, RetentionGates, load_gates
 from .scoring.learned import check_lookahead, check_novelty
 from .targets import TARGETS
-from .validation import HeldOut, choose_allocator, choose_lookahead, choose_novelty
+from .validation import HeldOut, choose_allocator, choose_lookahead, choose_novelty, per_budget
 
 SOFT_ATTENTION = "kvevict_soft"
 SCHEDULES = ("constant", "cosine")
@@ -320,8 +320,7 @@ def check_on_held_out(model: PreTrainedModel, gates: RetentionGates, validation:
         if recipe.lookaheads:
             known = {b: per_steps[str(n)][b] for b, n in card.lookahead.items()}
         else:
-            entry = kl[card.allocator]
-            known = {b: [entry[b], entry["long_range"][b]] for b in entry["long_range"]}
+            known = per_budget(kl[card.allocator])
         card.novelty, per_weight = choose_novelty(held_out, gates, card.allocator, card.lookahead,
                                                   recipe.novelties, measured=(0.0, known))
         check["novelty"] = {"kl": per_weight, "chosen": card.novelty}

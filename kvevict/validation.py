@@ -97,6 +97,11 @@ def choose_allocator(held_out: HeldOut, gates: RetentionGates, budgets: tuple[fl
     return min(results, key=lambda n: results[n]["kl"]), results
 
 
+def per_budget(entry: dict) -> dict[str, list[float]]:
+    """:func:`choose_allocator`'s entry for one allocator as ``{budget: [KL, long-range KL]}``."""
+    return {b: [entry[b], lr] for b, lr in entry["long_range"].items()}
+
+
 def choose_lookahead(held_out: HeldOut, gates: RetentionGates, allocator: str, candidates: tuple[int, ...],
                      budgets: tuple[float, ...] = (0.1, 0.25), measured: tuple[int, dict] | None = None,
                      tolerance: float = LOOKAHEAD_TOLERANCE) -> tuple[dict[str, int], dict]:
@@ -108,8 +113,7 @@ def choose_lookahead(held_out: HeldOut, gates: RetentionGates, allocator: str, c
     results: dict[str, dict] = {}
     for steps in tqdm(candidates, desc="validate lookaheads"):
         if measured is not None and steps == measured[0]:
-            entry = measured[1]
-            results[str(steps)] = {str(b): [entry[str(b)], entry["long_range"][str(b)]] for b in budgets}
+            results[str(steps)] = per_budget(measured[1])
             continue
         policy = Policy(LearnedRetention(gates, steps), make_allocator(allocator))
         results[str(steps)] = {str(b): list(held_out.kl(policy, b)) for b in budgets}
