@@ -8,6 +8,11 @@ prefills (the median is reported), then greedy decode; the median decode step is
 ``plain-<budget>`` is the physical floor for decoding under a budget: a DynamicCache that only ever
 saw ``budget`` tokens. Evicting caches are
 prefilled in ``--chunk``-token chunks, the others in one pass. Writes ``bench/results/speed_<model>.{json,md,png}``.
+
+``--paired`` measures the evicting caches' cost against the first of ``--policies`` on a shared machine:
+per context one process runs them interleaved (each round prefills every cache once, in rotating order;
+decoding then takes one step of each cache in turn) and reports the median of the per-round ratios, so
+a slow spell of the machine slows both sides of a ratio. Writes ``speed_<model>_paired.{json,md}``.
 """
 
 from __future__ import annotations
@@ -37,6 +42,26 @@ from kvevict.models import load_model  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 
 
+def prefill(model, ids: torch.Tensor, cache: Any, chunk: int | None) -> tuple[torch.Tensor, float]:
+    """Prefill ``ids`` [1, n] into ``cache`` (in ``chunk``-token pieces if given); the next greedy token
+    [1, 1] and the seconds it took."""
+    start = time.perf_counter()
+    for part in ids.split(chunk or ids.shape[1], dim=-1):
+        logits = model(part, **with_cache(model, cache), logits_to_keep=1).logits
+    return logits[:, -1:].argmax(-1), time.perf_counter() - start
+
+
+def step(model, token: torch.Tensor, cache: Any) -> tuple[torch.Tensor, float]:
+    """One greedy decode step from ``token`` [1, 1]: the next token [1, 1] and the seconds it took."""
+    start = time.perf_counter()
+    token = model(token, **with_cache(model, cache)).logits[:, -1:].argmax(-1)
+    return token, time.perf_counter() - start
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
 @torch.inference_mode()
 def run(model, ids: torch.Tensor, new_cache: Callable[[], Any], chunk: int | None, steps: int, repeats: int) -> dict:
     """Prefill ``ids`` [1, n] (in chunks if given) into ``repeats`` new caches (the median time is
@@ -44,20 +69,47 @@ def run(model, ids: torch.Tensor, new_cache: Callable[[], Any], chunk: int | Non
     prefills = []
     for _ in range(repeats):
         cache = new_cache()
-        start = time.perf_counter()
-        for part in ids.split(chunk or ids.shape[1], dim=-1):
-            logits = model(part, **with_cache(model, cache), logits_to_keep=1).logits
-        prefills.append(time.perf_counter() - start)
-    prefill = sorted(prefills)[len(prefills) // 2]
-    token = logits[:, -1:].argmax(-1)
+        token, seconds = prefill(model, ids, cache, chunk)
+        prefills.append(seconds)
     times = []
     for _ in range(steps):
-        t = time.perf_counter()
-        token = model(token, **with_cache(model, cache)).logits[:, -1:].argmax(-1)
-        times.append(time.perf_counter() - t)
-    times = sorted(times[2:])  # drop warm-up steps; report the median
-    return {"prefill_s": round(prefill, 3), "decode_ms": round(1000 * times[len(times) // 2], 2),
-            "kv_bytes": kv_bytes(cache)}
+        token, seconds = step(model, token, cache)
+        times.append(seconds)
+    return {"prefill_s": round(median(prefills), 3), "decode_ms": round(1000 * median(times[2:]), 2),
+            "kv_bytes": kv_bytes(cache)}  # the first 2 decode steps are warm-up
+
+
+@torch.inference_mode()
+def interleave(model, ids: torch.Tensor, new_caches: dict[str, Callable[[], Any]], chunk: int, steps: int,
+               repeats: int) -> dict[str, dict[str, list[float]]]:
+    """Time every cache of ``new_caches`` on ``ids`` [1, n] in turn: ``repeats`` rounds of one chunked
+    prefill each (the order rotating), then ``steps`` rounds of one decode step each from the last
+    prefill. Seconds per round: ``{name: {"prefill": [repeats], "decode": [steps - 2]}}`` (the first 2
+    decode rounds are warm-up)."""
+    names = list(new_caches)
+    times = {name: {"prefill": [], "decode": []} for name in names}
+    caches, tokens = {}, {}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            caches[name] = new_caches[name]()
+            tokens[name], seconds = prefill(model, ids, caches[name], chunk)
+            times[name]["prefill"].append(seconds)
+    for s in range(steps):
+        for name in names[s % len(names):] + names[:s % len(names)]:
+            tokens[name], seconds = step(model, tokens[name], caches[name])
+            if s >= 2:
+                times[name]["decode"].append(seconds)
+    return times
+
+
+def paired_ratio(times: list[float], reference: list[float]) -> float:
+    """Median over rounds of ``times[i] / reference[i]`` (a slowdown that hits a whole round cancels)."""
+    return median([t / r for t, r in zip(times, reference, strict=True)])
+
+
+def context_ids(model, n: int) -> torch.Tensor:
+    """A fixed random-token context [1, n] (speed does not depend on the text)."""
+    return torch.randint(100, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
 
 
 def measure(config: dict) -> dict:
@@ -66,7 +118,7 @@ def measure(config: dict) -> dict:
     model, _ = load_model(config["model"])
     loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     n, kind, budget = config["context"], config["kind"], config["budget"]
-    ids = torch.randint(100, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
+    ids = context_ids(model, n)
     if kind in ("full", "plain"):
         model.set_attn_implementation("sdpa")
         context = ids if kind == "full" else ids[:, -budget:]
@@ -81,6 +133,23 @@ def measure(config: dict) -> dict:
             "peak_rss_mb": round(peak)}
 
 
+def measure_paired(config: dict) -> list[dict]:
+    """The evicting caches of one context interleaved in this process (``config["kinds"]``, the first
+    the reference): median prefill and decode times and the paired ratios to the reference."""
+    torch.set_num_threads(config["threads"])
+    model, _ = load_model(config["model"])
+    n, budget, kinds = config["context"], config["budget"], config["kinds"]
+    new_caches = {kind: (lambda kind=kind: EvictionCache(model, kind, budget=budget)) for kind in kinds}
+    times = interleave(model, context_ids(model, n), new_caches, config["chunk"], config["steps"], config["repeats"])
+    ref = times[kinds[0]]
+    return [{"model": config["model"], "context": n, "cache": f"{kind}-{budget}",
+             "prefill_s": round(median(t["prefill"]), 3),
+             "prefill_vs_ref": round(paired_ratio(t["prefill"], ref["prefill"]), 3),
+             "decode_ms": round(1000 * median(t["decode"]), 2),
+             "decode_vs_ref": round(paired_ratio(t["decode"], ref["decode"]), 3)}
+            for kind, t in times.items()]
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -91,13 +160,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--steps", type=int, default=34, help="decode steps per run (the first 2 are warm-up)")
     p.add_argument("--repeats", type=int, default=3, help="prefills per run (the median time is reported)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--paired", action="store_true",
+                   help="interleave the evicting caches in one process per context; ratios to the first policy")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: a JSON config to measure in this process
     args = p.parse_args(argv)
     if args.steps < 3:
         p.error(f"--steps must be at least 3 (the first 2 decode steps are warm-up), got {args.steps}")
+    if args.paired and len(args.policies) < 2:
+        p.error(f"--paired compares policies with the first one: give at least two, got {args.policies}")
     if args.one:
-        print(json.dumps(measure(json.loads(args.one))))
+        config = json.loads(args.one)
+        print(json.dumps(measure_paired(config) if "kinds" in config else measure(config)))
         return []
+    if args.paired:
+        return main_paired(args)
     rows = []
     kinds = ["full", *args.policies, "plain"]
     for n, kind in tqdm([(n, k) for n in args.contexts for k in kinds], desc="speed"):
@@ -113,6 +189,31 @@ def main(argv: list[str] | None = None) -> list[dict]:
     stem.with_suffix(".md").write_text(table(rows, args.policies[0]) + "\n")
     plot(rows, stem.with_suffix(".png"))
     print(table(rows, args.policies[0]))
+    return rows
+
+
+def main_paired(args: argparse.Namespace) -> list[dict]:
+    """``--paired``: one process per context; writes ``speed_<model>_paired.{json,md}``."""
+    rows = []
+    for n in tqdm(args.contexts, desc="speed (paired)"):
+        config = dict(model=args.model, context=n, kinds=args.policies, budget=args.budget, chunk=args.chunk,
+                      steps=args.steps, repeats=args.repeats, threads=args.threads)
+        out = subprocess.run([sys.executable, __file__, "--one", json.dumps(config)], check=True, capture_output=True,
+                             text=True).stdout
+        rows += json.loads(out.strip().splitlines()[-1])
+        tqdm.write(json.dumps(rows[-len(args.policies):]))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / f"speed_{args.model}_paired"
+    stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    reference = args.policies[0]
+    lines = [f"# Evicting caches interleaved ({rows[0]['model']}, 2-core CPU; ratios: median of per-round ratios "
+             f"to {reference}, {args.repeats} prefills and {args.steps - 2} decode steps each)", "",
+             f"| context | cache | prefill s | vs {reference} | decode ms/token | vs {reference} |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['context']} | {r['cache']} | {r['prefill_s']} | {r['prefill_vs_ref']:.2f}x | {r['decode_ms']} | "
+              f"{r['decode_vs_ref']:.2f}x |" for r in rows]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
     return rows
 
 

@@ -137,6 +137,30 @@ def test_paired_differences_over_windows(bench_script):
     assert [line.split(" | ")[1:3] for line in lines if line.startswith("| 10%")] == [["c", "d"], ["a", "b"]]
 
 
+def test_speed_pairs_the_caches_round_by_round(llama, bench_script):
+    speed = bench_script("speed")
+    # a slow spell that hits one whole round cancels in the paired ratio, not in the ratio of medians
+    slow = [1.0, 1.0, 5.0, 5.0, 5.0]
+    assert speed.paired_ratio([1.1 * t for t in slow], slow) == pytest.approx(1.1)
+    assert speed.median([1.1, 1.1, 5.5, 5.5, 5.5]) / speed.median([1.0, 1.0, 1.0, 5.0, 5.0]) == 5.5
+    with pytest.raises(ValueError):
+        speed.paired_ratio([1.0, 2.0], [1.0])
+
+    made = []
+
+    def new_cache(kind: str):
+        def make():
+            made.append(kind)
+            return EvictionCache(llama, kind, budget=48)
+        return make
+
+    times = speed.interleave(llama, prompt(80), {"streaming": new_cache("streaming"), "h2o": new_cache("h2o")},
+                             chunk=32, steps=5, repeats=3)
+    assert made == ["streaming", "h2o", "h2o", "streaming", "streaming", "h2o"]  # the order rotates
+    assert {k: [len(v) for v in t.values()] for k, t in times.items()} == {"streaming": [3, 3], "h2o": [3, 3]}
+    assert all(x > 0 for t in times.values() for v in t.values() for x in v)
+
+
 def test_kvpress_runner_continues_a_hybrid_model_with_one_mask_per_layer_type(gemma, bench_script):
     runner = bench_script("kvpress_runner")
     ids = prompt(40)
