@@ -28,9 +28,18 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-_spec = importlib.util.spec_from_file_location("rss", Path(__file__).resolve().parent.parent / "kvevict" / "rss.py")
-rss = importlib.util.module_from_spec(_spec)  # standard library only; kvevict itself is not installed here
-_spec.loader.exec_module(rss)
+
+def _kvevict_module(name: str):
+    """``kvevict/<name>.py`` loaded by path: kvevict itself is not installed here, and these modules
+    import only the standard library and torch."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "kvevict" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+rss = _kvevict_module("rss")
+compat = _kvevict_module("compat")  # the cache keyword: `cache` from transformers 5.24, else `past_key_values`
 
 
 def held_bytes(cache) -> int:
@@ -100,16 +109,16 @@ def compressed(model, ids: torch.Tensor, press) -> tuple[DynamicCache, float, in
     cache = DynamicCache(config=model.config)
     start = time.perf_counter()
     if press is None:
-        model(ids, past_key_values=cache, logits_to_keep=1)
+        model(ids, **compat.with_cache(model, cache), logits_to_keep=1)
     else:
         with pressed(model, press):
-            model(ids, past_key_values=cache, logits_to_keep=1)
+            model(ids, **compat.with_cache(model, cache), logits_to_keep=1)
     return cache, time.perf_counter() - start, held_bytes(cache)
 
 
 def extend(model, cache: DynamicCache, ids: torch.Tensor, seen: int, **kwargs):
     """Forward ``ids`` [1, q] after ``seen`` tokens into the (compressed) ``cache``."""
-    return model(ids, past_key_values=cache, position_ids=positions(seen, ids.shape[1]),
+    return model(ids, **compat.with_cache(model, cache), position_ids=positions(seen, ids.shape[1]),
                  attention_mask=layer_masks(model, cache, ids.shape[1]), **kwargs)
 
 
