@@ -1,7 +1,8 @@
 """Runs NVIDIA kvpress presses on token ids prepared by ``bench/kvpress_side.py``.
 
 Executed INSIDE kvpress's own environment (kvpress 0.5.5 pins transformers < 5.3), so it imports
-neither kvevict nor anything newer: it reads a JSON job (model directory, presses, ratios, fidelity
+neither the kvevict package (two of its modules that need at most torch, ``rss`` and ``compat``, are
+loaded by path) nor anything newer: it reads a JSON job (model directory, presses, ratios, fidelity
 documents, prompts) and writes, per press and budget, the raw fidelity numbers of each document and
 the answer (text and costs) to each prompt; kvevict's side aggregates and scores them.
 kvpress compresses only during the first prefill of an empty cache, so each context is prefilled in

@@ -10,9 +10,11 @@ saw ``budget`` tokens. Evicting caches are
 prefilled in ``--chunk``-token chunks, the others in one pass. Writes ``bench/results/speed_<model>.{json,md,png}``.
 
 ``--paired`` measures the evicting caches' cost against the first of ``--policies`` on a shared machine:
-per context one process runs them interleaved (each round prefills every cache once, in rotating order;
-decoding then takes one step of each cache in turn) and reports the median of the per-round ratios, so
-a slow spell of the machine slows both sides of a ratio. Writes ``speed_<model>_paired.{json,md}``.
+per context one process runs them interleaved (each round prefills every cache once, then each decode
+round takes one step of each cache; the order rotates from round to round) and reports the median of
+the per-round ratios, so a slow spell of the machine slows both sides of a ratio. No prefill is
+untimed: the first round's first cache also pays the process's first forward pass, which the median
+over rounds absorbs. Writes ``speed_<model>_paired.{json,md}``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from kvevict.evaluate import kv_bytes  # noqa: E402
 from kvevict.models import load_model  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+WARMUP = 2  # decode steps not timed into the medians
 
 
 def prefill(model, ids: torch.Tensor, cache: Any, chunk: int | None) -> tuple[torch.Tensor, float]:
@@ -59,6 +62,7 @@ def step(model, token: torch.Tensor, cache: Any) -> tuple[torch.Tensor, float]:
 
 
 def median(values: list[float]) -> float:
+    """The middle value; of an even count the upper one (a ratio's median then errs high, not low)."""
     return sorted(values)[len(values) // 2]
 
 
@@ -75,17 +79,17 @@ def run(model, ids: torch.Tensor, new_cache: Callable[[], Any], chunk: int | Non
     for _ in range(steps):
         token, seconds = step(model, token, cache)
         times.append(seconds)
-    return {"prefill_s": round(median(prefills), 3), "decode_ms": round(1000 * median(times[2:]), 2),
-            "kv_bytes": kv_bytes(cache)}  # the first 2 decode steps are warm-up
+    return {"prefill_s": round(median(prefills), 3), "decode_ms": round(1000 * median(times[WARMUP:]), 2),
+            "kv_bytes": kv_bytes(cache)}
 
 
 @torch.inference_mode()
 def interleave(model, ids: torch.Tensor, new_caches: dict[str, Callable[[], Any]], chunk: int, steps: int,
                repeats: int) -> dict[str, dict[str, list[float]]]:
     """Time every cache of ``new_caches`` on ``ids`` [1, n] in turn: ``repeats`` rounds of one chunked
-    prefill each (the order rotating), then ``steps`` rounds of one decode step each from the last
-    prefill. Seconds per round: ``{name: {"prefill": [repeats], "decode": [steps - 2]}}`` (the first 2
-    decode rounds are warm-up)."""
+    prefill each, then ``steps`` rounds of one decode step each from the last prefill (the order
+    rotating from round to round). Seconds per round: ``{name: {"prefill": [repeats], "decode":
+    [steps - WARMUP]}}`` (the first decode rounds are warm-up)."""
     names = list(new_caches)
     times = {name: {"prefill": [], "decode": []} for name in names}
     caches, tokens = {}, {}
@@ -97,7 +101,7 @@ def interleave(model, ids: torch.Tensor, new_caches: dict[str, Callable[[], Any]
     for s in range(steps):
         for name in names[s % len(names):] + names[:s % len(names)]:
             tokens[name], seconds = step(model, tokens[name], caches[name])
-            if s >= 2:
+            if s >= WARMUP:
                 times[name]["decode"].append(seconds)
     return times
 
@@ -157,17 +161,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--budget", type=int, default=512)
     p.add_argument("--policies", nargs="+", default=["streaming", "learned"])
     p.add_argument("--chunk", type=int, default=512, help="prefill chunk of the evicting caches")
-    p.add_argument("--steps", type=int, default=34, help="decode steps per run (the first 2 are warm-up)")
+    p.add_argument("--steps", type=int, default=34, help=f"decode steps per run (the first {WARMUP} are warm-up)")
     p.add_argument("--repeats", type=int, default=3, help="prefills per run (the median time is reported)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--paired", action="store_true",
                    help="interleave the evicting caches in one process per context; ratios to the first policy")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: a JSON config to measure in this process
     args = p.parse_args(argv)
-    if args.steps < 3:
-        p.error(f"--steps must be at least 3 (the first 2 decode steps are warm-up), got {args.steps}")
-    if args.paired and len(args.policies) < 2:
-        p.error(f"--paired compares policies with the first one: give at least two, got {args.policies}")
+    if args.steps <= WARMUP:
+        p.error(f"--steps must be at least {WARMUP + 1} (the first {WARMUP} decode steps are warm-up), got {args.steps}")
+    if args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.paired and (len(args.policies) < 2 or len(set(args.policies)) < len(args.policies)):
+        p.error(f"--paired compares distinct policies with the first one: give at least two, got {args.policies}")
+    if args.paired and {"full", "plain"} & set(args.policies):
+        p.error("--paired interleaves evicting caches only; the full and plain caches run without it")
     if args.one:
         config = json.loads(args.one)
         print(json.dumps(measure_paired(config) if "kinds" in config else measure(config)))
@@ -179,9 +187,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for n, kind in tqdm([(n, k) for n in args.contexts for k in kinds], desc="speed"):
         config = dict(model=args.model, context=n, kind=kind, budget=args.budget, chunk=args.chunk, steps=args.steps,
                       repeats=args.repeats, threads=args.threads)
-        out = subprocess.run([sys.executable, __file__, "--one", json.dumps(config)], check=True, capture_output=True,
-                             text=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
+        rows.append(in_child(config))
         tqdm.write(json.dumps(rows[-1]))
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"speed_{args.model}"
@@ -192,22 +198,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return rows
 
 
+def in_child(config: dict) -> Any:
+    """Measure ``config`` in a fresh process (its own peak RSS); its errors reach this process's stderr."""
+    out = subprocess.run([sys.executable, __file__, "--one", json.dumps(config)], check=True, stdout=subprocess.PIPE,
+                         text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main_paired(args: argparse.Namespace) -> list[dict]:
     """``--paired``: one process per context; writes ``speed_<model>_paired.{json,md}``."""
     rows = []
     for n in tqdm(args.contexts, desc="speed (paired)"):
         config = dict(model=args.model, context=n, kinds=args.policies, budget=args.budget, chunk=args.chunk,
                       steps=args.steps, repeats=args.repeats, threads=args.threads)
-        out = subprocess.run([sys.executable, __file__, "--one", json.dumps(config)], check=True, capture_output=True,
-                             text=True).stdout
-        rows += json.loads(out.strip().splitlines()[-1])
+        rows += in_child(config)
         tqdm.write(json.dumps(rows[-len(args.policies):]))
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"speed_{args.model}_paired"
     stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     reference = args.policies[0]
-    lines = [f"# Evicting caches interleaved ({rows[0]['model']}, 2-core CPU; ratios: median of per-round ratios "
-             f"to {reference}, {args.repeats} prefills and {args.steps - 2} decode steps each)", "",
+    lines = [f"# Evicting caches interleaved ({rows[0]['model']}, {args.threads} CPU threads; ratios: median of per-round ratios "
+             f"to {reference}, {args.repeats} prefills and {args.steps - WARMUP} decode steps each)", "",
              f"| context | cache | prefill s | vs {reference} | decode ms/token | vs {reference} |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['context']} | {r['cache']} | {r['prefill_s']} | {r['prefill_vs_ref']:.2f}x | {r['decode_ms']} | "

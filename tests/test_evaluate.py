@@ -137,28 +137,47 @@ def test_paired_differences_over_windows(bench_script):
     assert [line.split(" | ")[1:3] for line in lines if line.startswith("| 10%")] == [["c", "d"], ["a", "b"]]
 
 
-def test_speed_pairs_the_caches_round_by_round(llama, bench_script):
+def test_speed_pairs_the_caches_round_by_round(llama, bench_script, monkeypatch):
     speed = bench_script("speed")
-    # a slow spell that hits one whole round cancels in the paired ratio, not in the ratio of medians
-    slow = [1.0, 1.0, 5.0, 5.0, 5.0]
-    assert speed.paired_ratio([1.1 * t for t in slow], slow) == pytest.approx(1.1)
-    assert speed.median([1.1, 1.1, 5.5, 5.5, 5.5]) / speed.median([1.0, 1.0, 1.0, 5.0, 5.0]) == 5.5
+    # one slow round (the machine busy elsewhere) moves the ratio of medians, not the median of ratios
+    times, reference = [1.1, 1.1, 5.5, 5.5, 5.5], [1.0, 1.0, 1.0, 5.0, 5.0]
+    assert speed.paired_ratio(times, reference) == pytest.approx(1.1)
+    assert speed.median(times) / speed.median(reference) == pytest.approx(5.5)
     with pytest.raises(ValueError):
         speed.paired_ratio([1.0, 2.0], [1.0])
 
-    made = []
+    made, kinds, stepped = [], {}, []
+    step = speed.step
+
+    def logged_step(model, token, cache):
+        stepped.append((kinds[id(cache)], token.item()))
+        return step(model, token, cache)
 
     def new_cache(kind: str):
         def make():
             made.append(kind)
-            return EvictionCache(llama, kind, budget=48)
+            cache = EvictionCache(llama, kind, budget=48)
+            kinds[id(cache)] = kind
+            return cache
         return make
 
-    times = speed.interleave(llama, prompt(80), {"streaming": new_cache("streaming"), "h2o": new_cache("h2o")},
+    monkeypatch.setattr(speed, "step", logged_step)
+    ids = prompt(80)
+    times = speed.interleave(llama, ids, {"streaming": new_cache("streaming"), "h2o": new_cache("h2o")},
                              chunk=32, steps=5, repeats=3)
-    assert made == ["streaming", "h2o", "h2o", "streaming", "streaming", "h2o"]  # the order rotates
+    assert made == ["streaming", "h2o", "h2o", "streaming", "streaming", "h2o"]  # the prefill order rotates
+    assert [kind for kind, _ in stepped] == ["streaming", "h2o", "h2o", "streaming", "streaming", "h2o",
+                                             "h2o", "streaming", "streaming", "h2o"]  # so does the decode order
     assert {k: [len(v) for v in t.values()] for k, t in times.items()} == {"streaming": [3, 3], "h2o": [3, 3]}
-    assert all(x > 0 for t in times.values() for v in t.values() for x in v)
+    # each cache decodes its own greedy continuation, as one cache alone would
+    for kind in ("streaming", "h2o"):
+        cache = EvictionCache(llama, kind, budget=48)
+        token, _ = speed.prefill(llama, ids, cache, 32)
+        alone = []
+        for _ in range(5):
+            alone.append(token.item())
+            token, _ = step(llama, token, cache)
+        assert [t for k, t in stepped if k == kind] == alone
 
 
 def test_kvpress_runner_continues_a_hybrid_model_with_one_mask_per_layer_type(gemma, bench_script):
