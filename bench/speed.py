@@ -66,44 +66,40 @@ def median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
-@torch.inference_mode()
 def run(model, ids: torch.Tensor, new_cache: Callable[[], Any], chunk: int | None, steps: int, repeats: int) -> dict:
     """Prefill ``ids`` [1, n] (in chunks if given) into ``repeats`` new caches (the median time is
     reported), then decode ``steps`` tokens from the last one."""
-    prefills = []
-    for _ in range(repeats):
-        cache = new_cache()
-        token, seconds = prefill(model, ids, cache, chunk)
-        prefills.append(seconds)
-    times = []
-    for _ in range(steps):
-        token, seconds = step(model, token, cache)
-        times.append(seconds)
-    return {"prefill_s": round(median(prefills), 3), "decode_ms": round(1000 * median(times[WARMUP:]), 2),
-            "kv_bytes": kv_bytes(cache)}
+    times, caches = interleave(model, ids, {"cache": new_cache}, chunk, steps, repeats)
+    return {"prefill_s": round(median(times["cache"]["prefill"]), 3),
+            "decode_ms": round(1000 * median(times["cache"]["decode"]), 2), "kv_bytes": kv_bytes(caches["cache"])}
 
 
 @torch.inference_mode()
-def interleave(model, ids: torch.Tensor, new_caches: dict[str, Callable[[], Any]], chunk: int, steps: int,
-               repeats: int) -> dict[str, dict[str, list[float]]]:
+def interleave(model, ids: torch.Tensor, new_caches: dict[str, Callable[[], Any]], chunk: int | None, steps: int,
+               repeats: int) -> tuple[dict[str, dict[str, list[float]]], dict[str, Any]]:
     """Time every cache of ``new_caches`` on ``ids`` [1, n] in turn: ``repeats`` rounds of one chunked
     prefill each, then ``steps`` rounds of one decode step each from the last prefill (the order
     rotating from round to round). Seconds per round: ``{name: {"prefill": [repeats], "decode":
-    [steps - WARMUP]}}`` (the first decode rounds are warm-up)."""
+    [steps - WARMUP]}}`` (the first decode rounds are warm-up), and the last caches ``{name: cache}``."""
     names = list(new_caches)
     times = {name: {"prefill": [], "decode": []} for name in names}
     caches, tokens = {}, {}
     for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in rotated(names, r):
             caches[name] = new_caches[name]()
             tokens[name], seconds = prefill(model, ids, caches[name], chunk)
             times[name]["prefill"].append(seconds)
     for s in range(steps):
-        for name in names[s % len(names):] + names[:s % len(names)]:
+        for name in rotated(names, s):
             tokens[name], seconds = step(model, tokens[name], caches[name])
             if s >= WARMUP:
                 times[name]["decode"].append(seconds)
-    return times
+    return times, caches
+
+
+def rotated(names: list[str], by: int) -> list[str]:
+    """``names`` starting at index ``by`` (modulo their number)."""
+    return names[by % len(names):] + names[:by % len(names)]
 
 
 def paired_ratio(times: list[float], reference: list[float]) -> float:
@@ -144,7 +140,7 @@ def measure_paired(config: dict) -> list[dict]:
     model, _ = load_model(config["model"])
     n, budget, kinds = config["context"], config["budget"], config["kinds"]
     new_caches = {kind: (lambda kind=kind: EvictionCache(model, kind, budget=budget)) for kind in kinds}
-    times = interleave(model, context_ids(model, n), new_caches, config["chunk"], config["steps"], config["repeats"])
+    times, _ = interleave(model, context_ids(model, n), new_caches, config["chunk"], config["steps"], config["repeats"])
     ref = times[kinds[0]]
     return [{"model": config["model"], "context": n, "cache": f"{kind}-{budget}",
              "prefill_s": round(median(t["prefill"]), 3),

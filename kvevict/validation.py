@@ -24,6 +24,9 @@ with the lowest mean KL over the budgets, under the chosen allocator and lookahe
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from tqdm import tqdm
 from transformers import DynamicCache, PreTrainedModel
@@ -102,6 +105,21 @@ def per_budget(entry: dict) -> dict[str, list[float]]:
     return {b: [entry[b], lr] for b, lr in entry["long_range"].items()}
 
 
+def _kl_per_candidate(held_out: HeldOut, candidates: tuple, scorer: Callable[[Any], LearnedRetention], allocator: str,
+                      budgets: tuple[float, ...], measured: tuple[Any, dict] | None, key: Callable[[Any], str],
+                      desc: str) -> dict[str, dict]:
+    """``{key(candidate): {budget: [KL, long-range KL]}}`` of ``scorer(candidate)`` under ``allocator`` on
+    the ``held_out`` windows; ``measured`` = ``(candidate, its entry)`` is not measured again."""
+    results: dict[str, dict] = {}
+    for candidate in tqdm(candidates, desc=desc):
+        if measured is not None and candidate == measured[0]:
+            results[key(candidate)] = measured[1]
+            continue
+        policy = Policy(scorer(candidate), make_allocator(allocator))
+        results[key(candidate)] = {str(b): list(held_out.kl(policy, b)) for b in budgets}
+    return results
+
+
 def choose_lookahead(held_out: HeldOut, gates: RetentionGates, allocator: str, candidates: tuple[int, ...],
                      budgets: tuple[float, ...] = (0.1, 0.25), measured: tuple[int, dict] | None = None,
                      tolerance: float = LOOKAHEAD_TOLERANCE) -> tuple[dict[str, int], dict]:
@@ -110,13 +128,9 @@ def choose_lookahead(held_out: HeldOut, gates: RetentionGates, allocator: str, c
     KL: ``{budget: steps}``, and ``{steps: {budget: [KL, long-range KL]}}``. ``measured`` = ``(steps,
     entry)``, :func:`choose_allocator`'s entry for ``allocator`` at that lookahead, spares measuring it
     again."""
-    results: dict[str, dict] = {}
-    for steps in tqdm(candidates, desc="validate lookaheads"):
-        if measured is not None and steps == measured[0]:
-            results[str(steps)] = per_budget(measured[1])
-            continue
-        policy = Policy(LearnedRetention(gates, steps), make_allocator(allocator))
-        results[str(steps)] = {str(b): list(held_out.kl(policy, b)) for b in budgets}
+    results = _kl_per_candidate(held_out, candidates, lambda steps: LearnedRetention(gates, steps), allocator, budgets,
+                                None if measured is None else (measured[0], per_budget(measured[1])), str,
+                                "validate lookaheads")
     chosen = {}
     for b in map(str, budgets):
         best = min(kl[b][0] for kl in results.values())
@@ -131,12 +145,7 @@ def choose_novelty(held_out: HeldOut, gates: RetentionGates, allocator: str, loo
     """Of the candidate novelty weights, the one with the lowest mean KL over ``budgets`` on the
     ``held_out`` windows under ``allocator`` and ``lookahead``; and ``{weight: {budget: [KL, long-range
     KL]}}``. ``measured`` = ``(weight, {budget: [KL, long-range KL]})`` spares measuring that one again."""
-    results: dict[str, dict] = {}
-    for weight in tqdm(candidates, desc="validate novelty"):
-        if measured is not None and weight == measured[0]:
-            results[f"{weight:g}"] = measured[1]
-            continue
-        policy = Policy(LearnedRetention(gates, lookahead, novelty=weight), make_allocator(allocator))
-        results[f"{weight:g}"] = {str(b): list(held_out.kl(policy, b)) for b in budgets}
+    results = _kl_per_candidate(held_out, candidates, lambda weight: LearnedRetention(gates, lookahead, novelty=weight),
+                                allocator, budgets, measured, lambda weight: f"{weight:g}", "validate novelty")
     best = min(results, key=lambda w: sum(kl[0] for kl in results[w].values()))
     return float(best), results

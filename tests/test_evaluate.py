@@ -163,8 +163,8 @@ def test_speed_pairs_the_caches_round_by_round(llama, bench_script, monkeypatch)
 
     monkeypatch.setattr(speed, "step", logged_step)
     ids = prompt(80)
-    times = speed.interleave(llama, ids, {"streaming": new_cache("streaming"), "h2o": new_cache("h2o")},
-                             chunk=32, steps=5, repeats=3)
+    times, _ = speed.interleave(llama, ids, {"streaming": new_cache("streaming"), "h2o": new_cache("h2o")},
+                                chunk=32, steps=5, repeats=3)
     assert made == ["streaming", "h2o", "h2o", "streaming", "streaming", "h2o"]  # the prefill order rotates
     assert [kind for kind, _ in stepped] == ["streaming", "h2o", "h2o", "streaming", "streaming", "h2o",
                                              "h2o", "streaming", "streaming", "h2o"]  # so does the decode order
