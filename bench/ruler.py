@@ -6,7 +6,7 @@
 Query-agnostic protocol: each context is compressed in chunks, then the question is appended with
 eviction paused. ``--presses`` runs NVIDIA kvpress's presses on the same prompts and budgets in
 kvpress's own environment (see ``bench/kvpress_side.py``: one-pass prefill, forced by kvpress).
-Every row also records the KV bytes held after the context, its prefill time and decode ms/token. Resumable: results accumulate in ``bench/results/ruler_<model>.jsonl`` (one line
+Every row also records the KV bytes held after the context, its prefill time and decode ms/token. Resumable: results accumulate in ``<out>/ruler_<model>.jsonl`` (``--out``, default ``bench/results``; one line
 per sample) and finished samples are skipped; the summary (markdown + CSV) and a plot of score vs
 budget per task are rewritten at the end of every run.
 """
@@ -53,9 +53,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--chunk", type=int, default=512)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=RESULTS, help="folder of the results (log, tables, plot)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    log = RESULTS / f"ruler_{args.model}.jsonl"
+    log = args.out / f"ruler_{args.model}.jsonl"
     done = set()
     if log.exists():
         done = {tuple(r["key"]) for r in map(json.loads, log.read_text().splitlines())}
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     def prompt(length: int, task: str, seed: int) -> Prompt:
         return TASKS[task].build(tok, length, seed)
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     with log.open("a") as out:
         for length, task, policy, budget, seed in tqdm(runs, desc=f"ruler {args.model}"):
             key = [args.model, length, task, policy, budget, seed]
@@ -138,7 +139,7 @@ def summarize(log: Path, model: str) -> None:
     rows = [{"length": k[0], "task": k[1], "policy": k[2], "budget": k[3], "n": len(v),
              **{m: average([r.get(m) for r in v]) for m in METRICS}}
             for k, v in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], order(kv[0][2], kv[0][3])))]
-    stem = RESULTS / f"ruler_{model}"
+    stem = log.with_name(f"ruler_{model}")
     with stem.with_suffix(".csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -107,6 +108,20 @@ def test_ruler_means_cover_only_the_tasks_every_row_has(bench_script):
     table = ruler.overview(rows)
     assert "| snapkv | - | 0.25 |" in table and "| tova | - | 1.00 |" in table
     assert not any(line.startswith("| h2o |") for line in table)  # a row without the shared tasks has no mean
+
+
+def test_ruler_summary_lands_beside_its_log(bench_script, tmp_path):
+    ruler = bench_script("ruler")
+    results = sorted(p.name for p in ruler.RESULTS.iterdir())
+    records = [{**ruler.identity(["m", 8, task, policy, budget, 0]), "score": score, "kv_mb": 1.0, "prefill_s": 1.0,
+                "decode_ms": 1.0, "peak_rss_mb": None, "elapsed_s": 1.0}
+               for task, policy, budget, score in [("a", "full", None, 1.0), ("a", "snapkv", 0.1, 0.0)]]
+    log = tmp_path / "ruler_m.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    ruler.summarize(log, "m")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ruler_m.csv", "ruler_m.jsonl", "ruler_m.md", "ruler_m.png"]
+    assert "| snapkv | - | 0.00 |" in (tmp_path / "ruler_m.md").read_text()
+    assert sorted(p.name for p in ruler.RESULTS.iterdir()) == results  # --out elsewhere leaves bench/results alone
 
 
 def test_more_windows_cover_new_text():
