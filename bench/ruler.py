@@ -125,7 +125,7 @@ def identity(key: list) -> dict:
 
 def summarize(log: Path, model: str) -> None:
     """Mean score and costs per (length, task, policy, budget) over every sample in the log (a run
-    with fewer ``--samples`` than earlier ones leaves their cells as they were): markdown, CSV and a plot."""
+    with fewer ``--samples`` than earlier ones leaves their cells as they were): markdown, CSV and a plot, written beside the log."""
     first = {}  # one record per run: the first written (a later one repeats a finished run)
     for r in map(json.loads, log.read_text().splitlines()):
         first.setdefault(tuple(r["key"]), r)
