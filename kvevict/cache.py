@@ -116,8 +116,9 @@ class EvictingLayer(CacheLayerMixin):
 
     @property
     def is_croppable(self) -> bool:
-        """A crop restores the cache exactly only while nothing was evicted."""
-        return self.evicted == 0
+        """A crop restores the cache exactly only while nothing was evicted and the scorer keeps no sums
+        over queries (transformers' assisted decoding refuses a cache that is not croppable)."""
+        return self.evicted == 0 and not self.policy.scorer.accumulates
 
     # --- transformers layer contract -------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:

@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from kvevict import EvictionCache, with_cache
+from kvevict.policy import resolve_policy
 from conftest import left_padded, prompt, tiny_gemma3, tiny_llama
 
 GREEDY = dict(do_sample=False, max_new_tokens=24)
@@ -195,6 +196,20 @@ def test_assisted_decoding_runs(llama):
     ids = prompt(20)
     out = generate(llama, ids, cache, assistant_model=assistant, max_new_tokens=10)
     assert torch.equal(out, generate(llama, ids, DynamicCache(), max_new_tokens=10))
+
+
+def test_assisted_decoding_refuses_a_cache_that_cannot_roll_back(llama):
+    # after an eviction (and with H2O's sums at any time) a crop cannot restore the cache: transformers refuses
+    assistant = tiny_llama(layers=1)
+    evicted = EvictionCache(llama, "streaming", budget=8, sinks=2, recent=4, slack=0)
+    with pytest.raises(ValueError, match="cropped"):
+        generate(llama, prompt(40), evicted, assistant_model=assistant, max_new_tokens=4)
+    assert evicted.layers[0].evicted > 0
+    h2o = EvictionCache(llama, "h2o", budget=512)
+    with pytest.raises(ValueError, match="cropped"):
+        generate(llama, prompt(20), h2o, assistant_model=assistant, max_new_tokens=4)
+    assert h2o.layers[0].evicted == 0 and not h2o.is_croppable
+    assert resolve_policy("critical-h2o").scorer.accumulates and not resolve_policy("critical-snapkv").scorer.accumulates
 
 
 def test_sliding_layers_stay_sliding(gemma):

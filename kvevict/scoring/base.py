@@ -59,13 +59,15 @@ class Scorer:
     to reweight them multiplicatively, as CriticalKV does). ``scores_late`` = True says :meth:`observe`
     reads nothing but the new entries' own ``hidden``, so it may run some forward passes late: under a
     global budget the cache then scores new entries in batches over layers and decoding steps (always
-    before a selection). ``default_allocator`` names the allocator the scorer gets when a policy name
-    gives none.
+    before a selection). ``accumulates`` = True says :meth:`observe` adds every query's share to entries
+    already stored (H2O's sums), which a crop cannot take out again, so the cache is then never croppable.
+    ``default_allocator`` names the allocator the scorer gets when a policy name gives none.
     """
 
     name: ClassVar[str]
     query_window: int = 0
     observes: ClassVar[bool] = False
+    accumulates: bool = False
     calibrated: ClassVar[bool] = False
     needs_hidden: ClassVar[bool] = False
     nonnegative: ClassVar[bool] = False
@@ -95,6 +97,7 @@ class WrappedScorer(Scorer):
     def __init__(self, base: Scorer) -> None:
         self.base = base
         self.query_window, self.observes, self.needs_hidden = base.query_window, base.observes, base.needs_hidden
+        self.accumulates = base.accumulates
 
     def observe(self, inputs: ScoreInputs) -> None:
         self.base.observe(inputs)

@@ -16,6 +16,7 @@ class H2O(Scorer):
     name = "h2o"
     nonnegative = True
     observes = True
+    accumulates = True
 
     def observe(self, inputs: ScoreInputs) -> None:
         state = inputs.state

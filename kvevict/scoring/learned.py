@@ -104,6 +104,7 @@ class LearnedRetention(Scorer):
             self.name = f"{self.name}@{lookahead}"
         self.query_window = self.evidence.query_window if self.evidence else 0
         self.scores_late = not (self.evidence and self.evidence.observes)  # evidence seen each pass: score each pass
+        self.accumulates = bool(self.evidence and self.evidence.accumulates)
         self.placed = False
 
     @torch.no_grad()
