@@ -184,6 +184,18 @@ def test_dart_exact_duplicates_of_a_pivot_are_not_all_pivots():
     assert keep[[6, 10, 11]].sum() == 1 and keep[12:14].all()
 
 
+def test_dart_keeps_a_pivot_in_slot_0_when_there_are_fewer_images_than_pivots():
+    # two image entries for four pivots: the missing pivots must not unmark the one in slot 0
+    s, d = 6, 8
+    eye = torch.eye(d)
+    keys = eye[:s] * torch.tensor([9.0, 8.0, 1.0, 1.0, 1.0, 1.0])[:, None]
+    image = torch.tensor([True, True, False, False, False, False])
+    inputs = ScoreInputs(keys=keys.view(1, 1, s, d), values=eye[:s].view(1, 1, s, d),
+                         positions=torch.arange(s).view(1, 1, s), layer_idx=0, seen=s, scaling=1.0, state={},
+                         image=image.view(1, 1, s))
+    assert DART(pivots=4).score(inputs)[0, 0, :2].tolist() == [2.0, 2.0]
+
+
 @pytest.mark.parametrize("name", [n for n in NAMES if n != "gemma3"])
 def test_identical_images_lose_entries_before_the_distinct_one(name):
     """Prompt with images A, A, B, A. In the first decoder layer identical images have identical values,

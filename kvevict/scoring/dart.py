@@ -41,7 +41,9 @@ class DART(WrappedScorer):
         pivot_vecs = torch.gather(unit, 2, pivots[..., None].expand(-1, -1, -1, unit.shape[-1]))
         similarity = (unit @ pivot_vecs.transpose(-1, -2)).masked_fill(~pivot_ok[:, :, None, :], -1.0)
         redundancy = similarity.amax(-1)  # [B, H, S]
-        is_pivot = torch.zeros_like(image).scatter(-1, image_idx, image_ok)
+        # count, not overwrite: a missing pivot (``image_ok`` False) points at slot 0, which may hold a real one
+        found = torch.zeros(image.shape, dtype=torch.int32, device=image.device)
+        is_pivot = found.scatter_add(-1, image_idx, image_ok.int()) > 0
         return torch.where(image, torch.where(is_pivot, 2.0, 1.0 - redundancy), scores)
 
     def __repr__(self) -> str:
