@@ -58,12 +58,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", type=Path, help="checkpoint folder (default <cache>/calibration/<model>)")
     args = p.parse_args(argv)
     recipe = Recipe.load(args.recipe)
-    if args.steps:
+    if args.steps is not None:
         recipe = Recipe(**{**recipe.__dict__, "steps": args.steps})
     device = pick_device(args.device)
     model, tok = load_model(recipe.model)
     model.to(device)
     held_out = tok(validation_text(recipe.held_out_data), add_special_tokens=False).input_ids
+    if not args.no_check:
+        recipe.check_held_out(held_out)
     if args.recheck:
         card_path = recheck(model, args.out / f"{recipe.model}.json", held_out, recipe)
         report(recipe, None, json.loads(card_path.read_text()), args.reports, args.recipe.stem)

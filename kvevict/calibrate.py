@@ -47,6 +47,7 @@ SOFT_ATTENTION = "kvevict_soft"
 SCHEDULES = ("constant", "cosine")
 METHODS = ("distillation", "regression")  # end-to-end soft eviction, or a fit to regression targets (kvevict.regression)
 SINKS = 4  # first tokens the local teacher of the long-range weights still sees
+MIN_VALIDATE_LEN = 256  # held-out windows shorter than this leave no budget above the protected entries
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,20 @@ class Recipe:
     novelties: tuple[float, ...] = ()  # candidate weights of KeyDiff's signal the check chooses the card's from
 
     def __post_init__(self) -> None:
+        for key in ("seq_len", "steps", "width", "threads"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be an int >= 1, got {value!r}")
+        if self.method == "distillation" and not 0 < self.budget < self.seq_len:
+            raise ValueError(f"budget (target live entries per head) must lie between 0 and seq_len "
+                             f"({self.seq_len}), got {self.budget}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.capacity_weight >= 0:
+            raise ValueError(f"capacity_weight must be >= 0, got {self.capacity_weight}")
+        if self.validate_len < MIN_VALIDATE_LEN:
+            raise ValueError(f"validate_len must be >= {MIN_VALIDATE_LEN} tokens (each held-out window is a "
+                             f"compressed prefix and its scored continuation), got {self.validate_len}")
         if self.method not in METHODS:
             raise ValueError(f"unknown calibration method {self.method!r}; known: {METHODS}")
         if self.target not in TARGETS:
@@ -110,6 +125,12 @@ class Recipe:
         """Refuse calibration text too short to sample a window from."""
         if len(ids) <= self.seq_len:
             raise ValueError(f"calibration text of {len(ids)} tokens is too short for windows of {self.seq_len}")
+
+    def check_held_out(self, ids: list[int]) -> None:
+        """Refuse held-out text too short for the check's windows (before any training is spent)."""
+        if len(ids) < self.validate_windows * self.validate_len:
+            raise ValueError(f"the held-out text of {self.held_out_data!r} has {len(ids)} tokens, too few for "
+                             f"validate_windows={self.validate_windows} x validate_len={self.validate_len}")
 
     @property
     def held_out_data(self) -> str:

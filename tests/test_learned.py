@@ -47,7 +47,7 @@ def test_calibration_lowers_the_loss_and_reaches_the_budget(calibrated):
 def test_calibration_text_shorter_than_a_window_is_refused(calibrated, tmp_path):
     model, _, _ = calibrated
     with pytest.raises(ValueError, match="calibration text of 64 tokens is too short for windows of 64"):
-        calibrate(model, list(range(2, 66)), Recipe(model="tiny-llama", seq_len=64, steps=1), tmp_path, "short")
+        calibrate(model, list(range(2, 66)), Recipe(model="tiny-llama", seq_len=64, budget=8, steps=1), tmp_path, "short")
 
 
 def test_calibration_script_device_choice(bench_script):
@@ -515,10 +515,23 @@ def test_cosine_schedule_decays_and_binds_the_length_of_the_run(calibrated, tmp_
                                            ({"validate_windows": 0}, "validate_windows"),
                                            ({"long_range_weight": -1.0}, "long_range_weight must be >= 0"),
                                            ({"long_range_weight": 1.0, "local_window": 0}, "local_window must lie"),
-                                           ({"long_range_weight": 1.0, "local_window": 512}, "local_window must lie")])
+                                           ({"long_range_weight": 1.0, "local_window": 512}, "local_window must lie"),
+                                           ({"steps": 0}, "steps must be an int >= 1"),
+                                           ({"width": 2.5}, "width must be an int >= 1"),
+                                           ({"budget": 0}, "budget .* between 0 and seq_len"),
+                                           ({"budget": 512}, "budget .* between 0 and seq_len"),
+                                           ({"lr": 0.0}, "lr must be > 0"),
+                                           ({"validate_len": 200}, "validate_len must be >= 256")])
 def test_bad_recipes_are_refused(change, match):
     with pytest.raises(ValueError, match=match):
         Recipe(model="tiny-llama", **change)
+
+
+def test_held_out_text_too_short_for_the_check_is_refused_before_training():
+    recipe = Recipe(model="tiny-llama", validate_len=256, validate_windows=4)
+    recipe.check_held_out(list(range(1024)))
+    with pytest.raises(ValueError, match="1023 tokens, too few for validate_windows=4 x validate_len=256"):
+        recipe.check_held_out(list(range(1023)))
 
 
 def test_calibration_corpora_hold_out_disjoint_text(monkeypatch):
