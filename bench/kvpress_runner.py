@@ -53,6 +53,8 @@ def make_press(name: str, ratio: float):
 
     if name.startswith("AdaKV:"):
         return kvpress.AdaKVPress(make_press(name.split(":", 1)[1], ratio))
+    if not name.endswith("Press") or not hasattr(kvpress, name):
+        raise ValueError(f"kvpress has no press {name!r} (e.g. SnapKVPress, or AdaKV:SnapKVPress)")
     return getattr(kvpress, name)(compression_ratio=ratio)
 
 
@@ -177,6 +179,8 @@ def answer(model, tok, prompt: dict, press, max_new_tokens: int, eos: set[int]) 
 def main(job_path: str, out_path: str) -> None:
     job = json.loads(open(job_path).read())
     torch.set_num_threads(job["threads"])
+    for name in job["presses"]:  # a misspelt press fails now, not after the reference passes
+        make_press(name, 0.5)
     model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(job["model_dir"])
     eos = set(job["eos_token_ids"])

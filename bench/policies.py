@@ -28,8 +28,8 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from kvevict import EvictionCache
-from kvevict.evaluate import (answer, continuation_logits, fidelity, load_policy_table, policy_row, policy_workload,
-                              save_policy_rows, score_answer, table_settings, workload_arguments)
+from kvevict.evaluate import (answer, check_policy_names, continuation_logits, fidelity, load_policy_table, policy_row,
+                              policy_workload, save_policy_rows, score_answer, table_settings, workload_arguments)
 from kvevict.models import load_model
 
 POLICIES = ["random", "streaming", "h2o", "snapkv", "tova", "knorm", "keydiff", "expected_attention",
@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> None:
     done = {(r["policy"], r["budget"]) for r in rows if r.get("documents", 1) >= args.documents}
 
     model, tok = load_model(args.model)
+    try:
+        check_policy_names(args.policies, model.config)
+    except ValueError as e:
+        p.error(str(e))
     work = policy_workload(tok, args.length, args.continuation, args.documents, args.depths)
     docs, prefix, needles = work.documents, work.prefix, work.needles
     started = time.perf_counter()

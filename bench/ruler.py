@@ -31,7 +31,7 @@ from tqdm import tqdm  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 from kvevict import EvictionCache  # noqa: E402
-from kvevict.evaluate import Prompt, answer, score_answer  # noqa: E402
+from kvevict.evaluate import Prompt, answer, at_least, check_policy_names, score_answer  # noqa: E402
 from kvevict.models import load_model  # noqa: E402
 from kvevict.tasks import TASKS  # noqa: E402
 
@@ -49,10 +49,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--policies", nargs="+", default=["full", "streaming", "snapkv", "tova", "expected_attention"])
     p.add_argument("--presses", nargs="*", default=[], help="kvpress presses run side by side (e.g. SnapKVPress)")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.25, 0.5])
-    p.add_argument("--samples", type=int, default=4)
+    p.add_argument("--samples", type=at_least(1), default=4)
     p.add_argument("--chunk", type=int, default=512)
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=at_least(1), default=2)
     p.add_argument("--out", type=Path, default=RESULTS, help="folder of the results (log, tables, plot)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -61,6 +61,10 @@ def main(argv: list[str] | None = None) -> None:
     if log.exists():
         done = {tuple(r["key"]) for r in map(json.loads, log.read_text().splitlines())}
     model, tok = load_model(args.model)
+    try:
+        check_policy_names(args.policies, model.config)
+    except ValueError as e:
+        p.error(str(e))
     runs = [(length, task, policy, budget, seed)
             for length in args.lengths for task in args.tasks for seed in range(args.samples)
             for policy, budget in [("full", None)] * ("full" in args.policies)

@@ -18,18 +18,24 @@ NEEDLE = "The secret code word of the harbour office is TANGERINE-42."
 QUESTION = "What is the secret code word of the harbour office? Answer with the code word only."
 
 
+def budget_arg(text: str) -> int | float:
+    """``512`` is a number of entries, ``0.25`` or ``1.0`` (a point) a fraction of the tokens."""
+    return float(text) if any(c in text for c in ".eE") else int(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="kvevict demo", description=__doc__)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--tokens", type=int, default=3500, help="document length in tokens")
     p.add_argument("--depth", type=float, default=0.5, help="where the answer sits in the document (0-1)")
     p.add_argument("--policy", default="streaming")
-    p.add_argument("--budget", type=float, default=512, help="entries per (layer, KV head), or a fraction < 1")
+    p.add_argument("--budget", type=budget_arg, default=512,
+                   help="entries per (layer, KV head), or a fraction in (0, 1] written with a point (0.25, 1.0)")
     p.add_argument("--chunk", type=int, default=512, help="prefill chunk size")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    budget = int(args.budget) if args.budget >= 1 else args.budget
+    budget = args.budget
 
     model, tok = load_model(args.model)
     document = essay_document(tok, args.tokens, NEEDLE, args.depth)

@@ -21,6 +21,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from .cache import EvictionCache
 from .compat import with_cache
 from .data import essays_text
+from .policy import resolve_policy
 from .rss import peak_rss_mb, reset_peak_rss
 
 PLACEHOLDER = "@@CONTENT@@"
@@ -162,15 +163,32 @@ def policy_row(model: str, length: int, policy: str, budget: float | None, fidel
     }
 
 
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: an int >= ``minimum``, else a usage error naming the bound."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an int >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def check_policy_names(names: list[str], config) -> None:
+    """Resolve every policy name (``"full"``: the full cache) before any work, so a typo fails at once."""
+    for name in names:
+        if name != "full":
+            resolve_policy(name, config)
+
+
 def workload_arguments(parser: argparse.ArgumentParser) -> None:
     """Command-line options shared by the policy benchmarks (model, lengths, budgets, samples)."""
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--length", type=int, default=4096)
-    parser.add_argument("--continuation", type=int, default=512)
+    parser.add_argument("--length", type=at_least(64), default=4096)
+    parser.add_argument("--continuation", type=at_least(2), default=512)
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.25, 0.5])
     parser.add_argument("--depths", type=float, nargs="+", default=[0.2, 0.4, 0.6, 0.8])
-    parser.add_argument("--documents", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--documents", type=at_least(1), default=2)
+    parser.add_argument("--threads", type=at_least(1), default=2)
 
 
 def table_settings(args: argparse.Namespace) -> dict:
@@ -243,7 +261,7 @@ def answer(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt: Prompt,
     ids = torch.cat([prompt.context, prompt.question], dim=-1)
     start = time.perf_counter()
     out = model.generate(ids, attention_mask=torch.ones_like(ids), **with_cache(model, cache), do_sample=False,
-                         max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+                         max_new_tokens=max_new_tokens, pad_token_id=tok.eos_token_id if tok.pad_token_id is None else tok.pad_token_id)
     new = out[0, ids.shape[1]:]
     decode_ms = 1000 * (time.perf_counter() - start) / max(len(new), 1)
     return Answer(tok.decode(new, skip_special_tokens=True), seconds, held, decode_ms, peak_rss_mb())

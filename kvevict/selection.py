@@ -280,6 +280,8 @@ ALLOCATORS: dict[str, type[Allocator] | tuple[type[Allocator], dict]] = {
 
 def make_allocator(name: str) -> Allocator:
     """Instantiate a registered allocator by name."""
+    if name not in ALLOCATORS:
+        raise ValueError(f"unknown allocator {name!r}; known: {sorted(ALLOCATORS)}")
     entry = ALLOCATORS[name]
     cls, kwargs = entry if isinstance(entry, tuple) else (entry, {})
     return cls(**kwargs)

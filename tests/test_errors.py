@@ -76,3 +76,39 @@ def test_kvevict_attention_without_eviction_cache_is_sdpa():
     EvictionCache(model, budget=64)  # switches the model to kvevict attention
     assert model.config._attn_implementation == "kvevict"
     assert torch.allclose(model(ids, attention_mask=mask).logits, reference)
+
+
+def test_scorer_with_an_unknown_default_allocator(llama):
+    from kvevict.scoring import KNorm
+
+    class Lost(KNorm):
+        default_allocator = "nowhere"
+
+    with pytest.raises(ValueError, match="unknown allocator 'nowhere'; known:"):
+        EvictionCache(llama, Lost(), budget=64)
+
+
+def test_benchmark_options_out_of_range_are_usage_errors(llama, capsys):
+    import argparse
+
+    from kvevict.evaluate import check_policy_names, workload_arguments
+
+    p = argparse.ArgumentParser()
+    workload_arguments(p)
+    assert p.parse_args(["--continuation", "2", "--documents", "1"]).documents == 1
+    for bad in (["--continuation", "1"], ["--documents", "0"], ["--threads", "0"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(bad)
+        assert "must be an int >=" in capsys.readouterr().err
+    check_policy_names(["full", "snapkv", "adakv:tova"], llama.config)
+    with pytest.raises(ValueError, match="unknown scorer 'snapkvv'"):
+        check_policy_names(["full", "snapkvv"], llama.config)
+
+
+def test_demo_budget_is_entries_or_a_fraction_with_a_point():
+    from kvevict.demo import budget_arg
+
+    assert budget_arg("512") == 512 and isinstance(budget_arg("512"), int)
+    assert budget_arg("0.25") == 0.25 and budget_arg("1.0") == 1.0 and isinstance(budget_arg("1.0"), float)
+    with pytest.raises(ValueError):
+        budget_arg("half")
