@@ -8,6 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "bench"
+BENCH_HELPERS = {"kvpress_runner"}  # run by kvpress_side inside kvpress's own environment, not commands
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -18,7 +19,7 @@ def main(argv: list[str] | None = None) -> None:
 
         demo(rest)
     elif command == "bench":
-        scripts = sorted(p.stem for p in BENCH_DIR.glob("*.py")) if BENCH_DIR.is_dir() else []
+        scripts = sorted(p.stem for p in BENCH_DIR.glob("*.py") if p.stem not in BENCH_HELPERS) if BENCH_DIR.is_dir() else []
         if not rest or rest[0] not in scripts:
             sys.exit(f"usage: kvevict bench {{{','.join(scripts) or 'no bench/ folder: run from a source checkout'}}} [args]")
         sys.argv = [f"kvevict bench {rest[0]}", *rest[1:]]

@@ -112,3 +112,11 @@ def test_demo_budget_is_entries_or_a_fraction_with_a_point():
     assert budget_arg("0.25") == 0.25 and budget_arg("1.0") == 1.0 and isinstance(budget_arg("1.0"), float)
     with pytest.raises(ValueError):
         budget_arg("half")
+
+
+def test_cli_lists_the_bench_commands_not_their_helpers():
+    from kvevict.cli import main
+
+    with pytest.raises(SystemExit) as usage:
+        main(["bench", "nope"])
+    assert "policies" in str(usage.value) and "ruler" in str(usage.value) and "kvpress_runner" not in str(usage.value)
