@@ -83,10 +83,13 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.new_tokens < 2:
         p.error(f"--new-tokens must be at least 2 (decode time is measured after the first), got {args.new_tokens}")
+    tiny = args.model.startswith("tiny-")
+    if tiny and args.model.removeprefix("tiny-") not in FAMILIES:
+        p.error(f"unknown tiny VLM {args.model!r}; known: {', '.join('tiny-' + f for f in FAMILIES)}")
     torch.set_num_threads(args.threads)
     rows = []
     for n in args.images:
-        if args.model.startswith("tiny-"):
+        if tiny:
             model, inputs = tiny_inputs(args.model.removeprefix("tiny-"), n, args.text)
         else:
             model, inputs = pretrained_inputs(args.model, n)
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     lines = [f"# Multimodal memory and speed: {args.model}", "",
-             "Random weights: memory and speed only, no accuracy. 2-core CPU.", "",
+             ("Random weights: memory and speed only, no accuracy. " if tiny else "") + "2-core CPU.", "",
              "| images | prompt tokens | policy | budget | prefill s | decode ms/token | KV KB | image / text entries |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:

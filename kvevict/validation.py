@@ -69,7 +69,8 @@ class HeldOut:
         self.reach = self.token_kls("streaming", min(LOCAL, self.prefix // 4))
 
     def token_kls(self, policy: str | Policy, budget: int | float) -> torch.Tensor:
-        """Per-token KL ``[windows x scored]`` of ``policy`` at ``budget`` on every window."""
+        """Per-token KL ``[windows x (scored - 1)]`` (each scored token but the last predicts the next) of
+        ``policy`` at ``budget`` on every window."""
         kls = []
         for d, ref in zip(self.docs, self.full):
             cache = EvictionCache(self.model, policy, budget=budget)
