@@ -31,6 +31,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from .attention import UNSUPPORTED_KWARGS
 from .compat import attention_input, attention_modules, decoder, with_cache
 from .evaluate import chat_frame, encode
+from .scoring.criticalkv import output_norms
 
 TARGETS = ("kvzip", "reuse")
 TARGET_ATTENTION = "kvevict_targets"
@@ -78,7 +79,7 @@ def kvzip_targets(model: PreTrainedModel, context: list[int], frame: tuple[list[
         if lo >= hi:
             return
         if layer not in norms:
-            norms[layer] = _value_norms(module, value[:, ctx], query.shape[0])
+            norms[layer] = _value_norms(module, value[:, ctx])
         probs = _attention(query[:, lo - first : hi - first], key, lo, scaling)  # [Hq, r, n]
         share = probs[..., ctx] / x[lo - first : hi - first].float().norm(dim=-1)[None, :, None]
         chunk_best = share.amax(1) * norms[layer]
@@ -105,7 +106,7 @@ def reuse_targets(model: PreTrainedModel, window: list[int], layers: tuple[int, 
         first = n - q
         if first < observed:
             features[layer].append(x[: observed - first].float())
-        norms[layer].append(_value_norms(module, value[:, first:], query.shape[0]))
+        norms[layer].append(_value_norms(module, value[:, first:]))
         contribution = _attention(query, key, first, scaling) * torch.cat(norms[layer], -1)[:, None, :]  # [Hq, q, n]
         seen = torch.arange(first + 1, n + 1, device=key.device)  # entries each query sees
         rank = (REUSE_KEEP * seen).ceil().long() - 1  # [q]
@@ -170,12 +171,9 @@ def _attention(query: torch.Tensor, key: torch.Tensor, first: int, scaling: floa
     return logits.masked_fill(later, -torch.inf).softmax(-1)
 
 
-def _value_norms(module: torch.nn.Module, value: torch.Tensor, query_heads: int) -> torch.Tensor:
-    """``||W_o^g v_i||`` ``[Hq, n]`` for values ``[H, n, d]``."""
-    d = value.shape[-1]
-    w_o = module.o_proj.weight.view(-1, query_heads, d).transpose(0, 1).float()  # [Hq, D, d]
-    v = value.float().repeat_interleave(query_heads // value.shape[0], 0)  # [Hq, n, d]
-    return torch.einsum("gnd,ged->gne", v, w_o).norm(dim=-1)
+def _value_norms(module: torch.nn.Module, value: torch.Tensor) -> torch.Tensor:
+    """``||W_o^g v_i||`` ``[Hq, n]`` for values ``[H, n, d]`` (query head ``g`` reads KV head ``g // (Hq / H)``)."""
+    return output_norms(module.o_proj.weight, value[None])[0].flatten(0, 1)
 
 
 def _per_kv_head(per_query_head: torch.Tensor, kv_heads: int) -> torch.Tensor:

@@ -260,3 +260,15 @@ def test_topk_per_head_keeps_the_best_within_budget(share):
     assert not bool((keep & ~valid).any())
     for kept, rest in zip(ranked.where(keep, torch.inf).flatten(0, 1), ranked.where(~keep & valid, -torch.inf).flatten(0, 1)):
         assert kept.min() >= rest.max()  # nothing left out beats anything kept
+
+
+def test_output_norms_are_what_each_query_head_writes_through_o_proj():
+    from kvevict.scoring.criticalkv import output_norms
+
+    torch.manual_seed(0)
+    kv_heads, group, dv, hidden = 2, 3, 8, 20
+    w = torch.randn(hidden, kv_heads * group * dv)
+    values = torch.randn(1, kv_heads, 5, dv)
+    direct = torch.stack([torch.stack([(w.view(hidden, kv_heads, group, dv)[:, h, g] @ values[0, h].T).norm(dim=0)
+                                       for g in range(group)]) for h in range(kv_heads)])
+    assert torch.allclose(output_norms(w, values)[0], direct, atol=1e-4)

@@ -11,6 +11,18 @@ import torch
 from .base import Scorer, ScoreInputs, WrappedScorer
 
 
+def output_norms(o_proj: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``||W_o^g v||`` ``[B, H, G, S]``: the norm of what each value ``[B, H, S, Dv]`` writes through the
+    output projection ``o_proj`` ``[hidden, Hq * Dv]`` of each of the ``G = Hq / H`` query heads that share
+    its KV head, as ``sqrt(v^T (W^T W) v)``."""
+    h, dv = values.shape[1], values.shape[-1]
+    w = o_proj.float()
+    w_heads = w.view(w.shape[0], h, w.shape[1] // dv // h, dv)  # [hidden, H, G, Dv]
+    gram = torch.einsum("ohgv,ohgu->hgvu", w_heads, w_heads)
+    v = values.float()
+    return torch.einsum("bhsv,hgvu,bhsu->bhgs", v, gram, v).clamp(min=0).sqrt()
+
+
 class CriticalKV(WrappedScorer):
     """Wraps a non-negative scorer: ``score = base.score * mean over the group's heads of ||W_o[head] v||``."""
 
@@ -29,14 +41,7 @@ class CriticalKV(WrappedScorer):
         proj = getattr(inputs.module, "o_proj", None)
         if proj is None:
             raise ValueError(f"CriticalKV needs the attention module's o_proj; {type(inputs.module).__name__} has none")
-        b, h, s, dv = inputs.values.shape
-        w = proj.weight.float()  # [hidden, Hq * Dv]
-        hq = w.shape[1] // dv
-        w_heads = w.view(-1, h, hq // h, dv)  # [hidden, H, G, Dv]
-        gram = torch.einsum("ohgv,ohgu->hgvu", w_heads, w_heads)  # ||W v||^2 = v^T (W^T W) v
-        v = inputs.values.float()
-        norms = torch.einsum("bhsv,hgvu,bhsu->bhgs", v, gram, v).clamp(min=0).sqrt()
-        return self.base.score(inputs).float() * norms.mean(2)
+        return self.base.score(inputs).float() * output_norms(proj.weight, inputs.values).mean(2)
 
     def __repr__(self) -> str:
         return f"CriticalKV({self.base!r})"
