@@ -38,7 +38,7 @@ from tqdm import tqdm  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 from kvevict import EvictionCache, with_cache  # noqa: E402
-from kvevict.evaluate import kv_bytes  # noqa: E402
+from kvevict.evaluate import kv_bytes, prefill as chunked_prefill  # noqa: E402
 from kvevict.models import load_model  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -49,8 +49,7 @@ def prefill(model, ids: torch.Tensor, cache: Any, chunk: int | None) -> tuple[to
     """Prefill ``ids`` [1, n] into ``cache`` (in ``chunk``-token pieces if given); the next greedy token
     [1, 1] and the seconds it took."""
     start = time.perf_counter()
-    for part in ids.split(chunk or ids.shape[1], dim=-1):
-        logits = model(part, **with_cache(model, cache), logits_to_keep=1).logits
+    logits = chunked_prefill(model, ids, cache, chunk or ids.shape[1])
     return logits[:, -1:].argmax(-1), time.perf_counter() - start
 
 

@@ -231,10 +231,12 @@ def kv_bytes(cache) -> int:
 
 
 @torch.inference_mode()
-def prefill(model: PreTrainedModel, ids: torch.Tensor, cache, chunk: int) -> None:
-    """Feed ``ids`` ``[1, n]`` into ``cache`` in chunks (logits only for the last token of each)."""
+def prefill(model: PreTrainedModel, ids: torch.Tensor, cache, chunk: int) -> torch.Tensor:
+    """Feed ``ids`` ``[1, n]`` into ``cache`` in chunks (logits only for the last token of each); the
+    logits ``[1, 1, vocab]`` after the last token."""
     for part in ids.split(chunk, dim=-1):
-        model(part, **with_cache(model, cache), logits_to_keep=1)
+        logits = model(part, **with_cache(model, cache), logits_to_keep=1).logits
+    return logits
 
 
 @dataclass(frozen=True)
