@@ -102,8 +102,7 @@ class EvictingLayer(CacheLayerMixin):
 
     @keys.setter
     def keys(self, value: torch.Tensor | None) -> None:
-        if self.kv is not None and value is not None:
-            self.kv.keys = value  # offload / prefetch move the tensors
+        self._refuse_replacing("keys", value)
 
     @property
     def values(self) -> torch.Tensor | None:
@@ -111,8 +110,14 @@ class EvictingLayer(CacheLayerMixin):
 
     @values.setter
     def values(self, value: torch.Tensor | None) -> None:
-        if self.kv is not None and value is not None:
-            self.kv.values = value
+        self._refuse_replacing("values", value)
+
+    def _refuse_replacing(self, name: str, value: torch.Tensor | None) -> None:
+        """transformers' layer ``__init__`` sets ``keys`` and ``values`` to None; anything else would part them
+        from their positions and scores (e.g. transformers' cache offloading, which this cache does not do)."""
+        if value is not None or self.kv is not None:
+            raise RuntimeError(f"layer {self.layer_idx}: an EvictionCache layer's {name} live in its storage "
+                               "and cannot be replaced (cache offloading is not supported)")
 
     @property
     def is_croppable(self) -> bool:

@@ -120,3 +120,13 @@ def test_cli_lists_the_bench_commands_not_their_helpers():
     with pytest.raises(SystemExit) as usage:
         main(["bench", "nope"])
     assert "policies" in str(usage.value) and "ruler" in str(usage.value) and "kvpress_runner" not in str(usage.value)
+
+
+def test_layer_tensors_cannot_be_replaced_from_outside(llama):
+    cache = EvictionCache(llama, budget=64)
+    llama(prompt(10), **with_cache(llama, cache))
+    layer = cache.layers[0]
+    with pytest.raises(RuntimeError, match="cannot be replaced"):
+        layer.keys = layer.keys.clone()
+    with pytest.raises(RuntimeError, match="offloading is not supported"):
+        layer.offload()
