@@ -204,7 +204,8 @@ class EvictingLayer(CacheLayerMixin):
         """Forget the last ``-tokens_to_remove`` tokens (``crop(0)`` trims sliding layers back to their window).
 
         Only tokens still guaranteed to be stored can be forgotten: within the protected recent
-        window once something was evicted; in sliding layers, only while past recording is on.
+        window once something was evicted; in sliding layers, only while past recording is on. What a
+        scorer summed over queries (H2O's attention received) keeps the forgotten queries' share.
         """
         if tokens_to_remove > 0:
             raise ValueError(f"crop takes the negative number of tokens to remove, got {tokens_to_remove}")
