@@ -26,7 +26,7 @@ from transformers import PreTrainedModel
 
 from kvevict.evaluate import (Prompt, load_policy_table, policy_row, policy_workload, save_policy_rows,
                               score_answer, table_settings, workload_arguments)
-from kvevict.models import default_cache_dir, load_model
+from kvevict.models import MODELS, default_cache_dir, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = ROOT / ".kvpress-env"
@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--presses", nargs="+", default=PRESSES)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args(argv)
+    if args.model not in MODELS:  # kvpress's environment reads kvevict's fp32 copy of a registered model
+        p.error(f"kvpress_side runs on the registered models ({', '.join(MODELS)}), got {args.model!r}")
     results = args.out / f"policies_{args.model}_{args.length}.json"
     settings = table_settings(args)
     try:
