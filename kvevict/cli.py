@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> None:
 
         demo(rest)
     elif command == "bench":
-        scripts = sorted(p.stem for p in BENCH_DIR.glob("*.py") if p.stem not in BENCH_HELPERS) if BENCH_DIR.is_dir() else []
+        found = BENCH_DIR.glob("*.py") if BENCH_DIR.is_dir() else []
+        scripts = sorted(p.stem for p in found if p.stem not in BENCH_HELPERS)
         if not rest or rest[0] not in scripts:
             sys.exit(f"usage: kvevict bench {{{','.join(scripts) or 'no bench/ folder: run from a source checkout'}}} [args]")
         sys.argv = [f"kvevict bench {rest[0]}", *rest[1:]]

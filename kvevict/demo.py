@@ -35,7 +35,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    budget = args.budget
 
     model, tok = load_model(args.model)
     document = essay_document(tok, args.tokens, NEEDLE, args.depth)
@@ -48,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"document: {n} tokens, the answer sits at {args.depth:.0%} depth")
 
     runs = {"full cache": lambda: DynamicCache(config=model.config),
-            f"{args.policy}, budget {budget}": lambda: EvictionCache(model, args.policy, budget=budget)}
+            f"{args.policy}, budget {args.budget}": lambda: EvictionCache(model, args.policy, budget=args.budget)}
     for name, make_cache in runs.items():
         cache = make_cache()  # an EvictionCache switches the model to kvevict attention
         start = time.perf_counter()

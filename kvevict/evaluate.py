@@ -262,8 +262,9 @@ def answer(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt: Prompt,
         cache.pause_eviction(True)
     ids = torch.cat([prompt.context, prompt.question], dim=-1)
     start = time.perf_counter()
+    pad = tok.eos_token_id if tok.pad_token_id is None else tok.pad_token_id
     out = model.generate(ids, attention_mask=torch.ones_like(ids), **with_cache(model, cache), do_sample=False,
-                         max_new_tokens=max_new_tokens, pad_token_id=tok.eos_token_id if tok.pad_token_id is None else tok.pad_token_id)
+                         max_new_tokens=max_new_tokens, pad_token_id=pad)
     new = out[0, ids.shape[1]:]
     decode_ms = 1000 * (time.perf_counter() - start) / max(len(new), 1)
     return Answer(tok.decode(new, skip_special_tokens=True), seconds, held, decode_ms, peak_rss_mb())
