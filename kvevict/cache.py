@@ -528,7 +528,9 @@ class EvictionCache(Cache):
 
     def prepare(self, inputs: dict | torch.Tensor) -> "EvictionCache":
         """Tell the cache which positions hold image tokens, from the model inputs (a processor's
-        output or ``input_ids`` ``[B, n]`` of the whole conversation so far). Call before ``generate``."""
+        output or ``input_ids`` ``[B, n]`` of the whole conversation so far). Call before ``generate``
+        with the inputs given to it: a map of ``B`` rows is repeated for ``generate``'s expanded batch
+        (beams, ``num_return_sequences``), so other inputs with fewer rows would silently lend theirs."""
         ids = inputs if isinstance(inputs, torch.Tensor) else inputs["input_ids"]
         self.modality.set(ids == image_token_id(self.config))
         return self
