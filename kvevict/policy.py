@@ -11,7 +11,7 @@ from transformers import PretrainedConfig
 from .gates import load_gates
 from .scoring import DART, SCORERS, CriticalKV, Scorer, SnapKV
 from .scoring.learned import EVIDENCE, EVIDENCE_WEIGHT, LearnedRetention
-from .selection import ALLOCATORS, Allocator, make_allocator
+from .selection import Allocator, make_allocator
 
 CRITICAL = "critical-"
 
@@ -64,10 +64,12 @@ def resolve_policy(spec: str | Policy | Scorer, config: PretrainedConfig | None 
     allocator_name, _, scorer_name = spec.rpartition(":")
     scorer = _scorer(scorer_name, spec, config)
     allocator_name = allocator_name or scorer.default_allocator
-    if allocator_name not in ALLOCATORS:
-        raise ValueError(f"unknown allocator {allocator_name!r} in policy {spec!r}; known: {sorted(ALLOCATORS)} "
-                         "(a threshold needs its tau: Policy(scorer, Threshold(tau)) with budget=None)")
-    return Policy(scorer, make_allocator(allocator_name))
+    try:
+        allocator = make_allocator(allocator_name)
+    except ValueError as e:  # name the policy, and where thresholds go
+        raise ValueError(f"{e} (in policy {spec!r}; a threshold needs its tau: Policy(scorer, Threshold(tau)) "
+                         "with budget=None)") from None
+    return Policy(scorer, allocator)
 
 
 def _scorer(name: str, spec: str, config: PretrainedConfig | None) -> Scorer:
