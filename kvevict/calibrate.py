@@ -12,8 +12,11 @@ Only the gates learn. During training every attention logit gets the additive bi
 `local_window` tokens and the first 4)`` measures how much token ``t`` needs distant context: the
 tokens that recall something said long before (names, numbers, facts) count more than those any
 recent window predicts. Text windows are sampled (seeded) from general text, never from
-the benchmark data. Checkpoints (gates and AdamW's state as safetensors, the loss history and the
-training settings as JSON) make runs resumable: a resumed run continues with the same data order and
+the benchmark data. With ``recall`` ``n > 0`` each window also carries ``n`` recall spans: a span of
+``recall_len`` tokens from elsewhere in the corpus, inserted early in the window and repeated near its
+end, so that keeping out-of-place text a later token copies counts in the loss (the frozen model copies
+the repeat; the gated one can only if the first copy survived). Checkpoints (gates and AdamW's state as
+safetensors, the loss history and the training settings as JSON) make runs resumable: a resumed run continues with the same data order and
 optimizer state, so it ends where an uninterrupted run would.
 Given held-out text, a run ends by choosing the policy's default allocator on it (:mod:`.validation`);
 :func:`recheck` runs that check again for gates calibrated before.
@@ -77,6 +80,8 @@ class Recipe:
     lookahead: int = 0  # the learned score's lookahead (steps) in the check and on the card; 0: none
     lookaheads: tuple[int, ...] = ()  # candidates the check chooses the card's lookahead from, per budget
     novelties: tuple[float, ...] = ()  # candidate weights of KeyDiff's signal the check chooses the card's from
+    recall: int = 0  # recall spans per training window (distillation): inserted early, repeated near the end
+    recall_len: int = 16  # tokens per recall span
 
     def __post_init__(self) -> None:
         for key in ("seq_len", "steps", "width", "threads"):
@@ -118,6 +123,15 @@ class Recipe:
         object.__setattr__(self, "novelties", tuple(self.novelties))
         for weight in self.novelties:
             check_novelty(weight)
+        for key in ("recall", "recall_len"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "recall" else 1):
+                raise ValueError(f"{key} must be an int >= {0 if key == 'recall' else 1}, got {value!r}")
+        if self.recall and self.method != "distillation":
+            raise ValueError("recall spans are a distillation setting; the regression mode reads plain windows")
+        if 4 * self.recall * self.recall_len > self.seq_len:
+            raise ValueError(f"{self.recall} recall spans of {self.recall_len} tokens (each twice) leave too little of "
+                             f"a {self.seq_len}-token window: at most a quarter of it may be recall spans and copies")
         if self.validate_windows < 1:
             raise ValueError(f"validate_windows must be >= 1, got {self.validate_windows}")
 
@@ -215,9 +229,22 @@ def long_range_weights(reach: torch.Tensor, strength: float) -> torch.Tensor:
     return 1 + strength * reach / reach.mean().clamp(min=1e-12)
 
 
-def windows(ids: list[int], seq_len: int, rng: random.Random) -> torch.Tensor:
+def windows(ids: list[int], seq_len: int, rng: random.Random, recall: int = 0, recall_len: int = 16) -> torch.Tensor:
+    """One training window ``[1, seq_len]`` of ``ids`` at a random start. With ``recall`` spans, the window
+    is shorter text with each span (``recall_len`` tokens from a random place in ``ids``) inserted in its
+    first three quarters and repeated in its last eighth."""
+    text = seq_len - 2 * recall * recall_len
     start = rng.randrange(len(ids) - seq_len)
-    return torch.tensor([ids[start : start + seq_len]])
+    window = ids[start : start + text]
+    inserts = []  # (place in the text, tokens)
+    for _ in range(recall):
+        source = rng.randrange(len(ids) - recall_len)
+        span = ids[source : source + recall_len]
+        inserts += [(rng.randrange(int(0.875 * text), text + 1), span),
+                    (rng.randrange(int(0.05 * text), int(0.75 * text)), span)]
+    for place, span in sorted(inserts, key=lambda x: x[0], reverse=True):  # the latest first: places stay valid
+        window = window[:place] + span + window[place:]
+    return torch.tensor([window])
 
 
 def hardware(device: torch.device, threads: int) -> str:
@@ -245,13 +272,13 @@ def calibrate(model: PreTrainedModel, ids: list[int], recipe: Recipe, out: Path,
         history = _load_checkpoint(checkpoint, recipe, gates, optimizer)
     rng = random.Random(recipe.seed)
     for _ in range(len(history)):
-        windows(ids, recipe.seq_len, rng)  # replay the sampler so a resumed run sees the same data
+        windows(ids, recipe.seq_len, rng, recipe.recall, recipe.recall_len)  # replay: a resumed run sees the same data
     soft = SoftEviction(model, gates)
     start = time.perf_counter() - sum(h["seconds"] for h in history[-1:])
     try:
         for step in tqdm(range(len(history), recipe.steps), desc="calibrate", initial=len(history),
                          total=recipe.steps):
-            batch = windows(ids, recipe.seq_len, rng).to(device)
+            batch = windows(ids, recipe.seq_len, rng, recipe.recall, recipe.recall_len).to(device)
             soft.active = False
             with torch.no_grad():
                 teacher = log_probs(model, batch)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 
 import pytest
@@ -12,7 +13,8 @@ from safetensors.torch import load_file
 from kvevict import EvictionCache, Policy, with_cache
 from kvevict import cache as cache_module
 from kvevict import policy as policy_module
-from kvevict.calibrate import SINKS, Recipe, SoftEviction, calibrate, capacity_loss, long_range_weights, recheck
+from kvevict.calibrate import (SINKS, Recipe, SoftEviction, calibrate, capacity_loss, long_range_weights, recheck,
+                               windows)
 from kvevict.gates import Fingerprint, RetentionGates, load_gates
 from kvevict.scoring.h2o import H2O
 from kvevict.scoring.keydiff import KeyDiff
@@ -521,10 +523,33 @@ def test_cosine_schedule_decays_and_binds_the_length_of_the_run(calibrated, tmp_
                                            ({"budget": 0}, "budget .* between 0 and seq_len"),
                                            ({"budget": 512}, "budget .* between 0 and seq_len"),
                                            ({"lr": 0.0}, "lr must be > 0"),
-                                           ({"validate_len": 200}, "validate_len must be >= 256")])
+                                           ({"validate_len": 200}, "validate_len must be >= 256"),
+                                           ({"recall": -1}, "recall must be an int >= 0"),
+                                           ({"recall": 1, "recall_len": 0}, "recall_len must be an int >= 1"),
+                                           ({"recall": 3, "recall_len": 50}, "at most a quarter"),
+                                           ({"recall": 1, "method": "regression", "tokens_per_window": 256}, "recall spans are a distillation")])
 def test_bad_recipes_are_refused(change, match):
     with pytest.raises(ValueError, match=match):
         Recipe(model="tiny-llama", **change)
+
+
+def test_recall_spans_are_inserted_early_and_repeated_late():
+    ids = list(range(100_000))  # every token tells where it came from
+    plain = windows(ids, 400, random.Random(3))[0].tolist()
+    assert plain == list(range(plain[0], plain[0] + 400))  # no spans: a plain window, as before the option
+    for seed in range(20):
+        window = windows(ids, 400, random.Random(seed), recall=2, recall_len=10)[0].tolist()
+        assert len(window) == 400
+        text = [t for t in window if window[0] <= t < window[0] + 360]
+        assert text == list(range(window[0], window[0] + 360))  # the text, in order, 360 tokens
+        spans = [i for i, t in enumerate(window) if t not in text]
+        assert len(spans) == 40  # 2 spans of 10, each twice
+        runs = [window[i:i + 10] for i in spans[::10]]
+        assert all(r == list(range(r[0], r[0] + 10)) for r in runs)  # whole spans of the corpus
+        firsts = [i for i in spans[::10] if i < 0.75 * 360 + 20]
+        copies = [i for i in spans[::10] if i >= 0.875 * 360]
+        assert len(firsts) == len(copies) == 2 and min(firsts) >= 0.05 * 360  # early, then in the last eighth
+        assert sorted(map(tuple, runs[:2])) == sorted(map(tuple, runs[2:]))  # the copies repeat the spans
 
 
 def test_held_out_text_too_short_for_the_check_is_refused_before_training():
@@ -611,6 +636,16 @@ def test_long_range_weighted_calibration_trains(calibrated, tmp_path):
     loss = [h["kl"] + h["capacity"] for h in weighted]
     assert sum(loss[-5:]) / 5 < 0.5 * sum(loss[:5]) / 5
     assert weighted[0]["kl"] == history[0]["kl"] and weighted[-1]["kl"] != history[-1]["kl"]  # same start, other path
+
+
+def test_calibration_with_recall_spans_trains(calibrated, tmp_path):
+    model, _, history = calibrated
+    ids = torch.randint(2, 96, (4000,), generator=torch.Generator().manual_seed(0)).tolist()
+    recipe = Recipe(model="tiny-llama", seq_len=64, budget=8, steps=40, lr=1e-2, width=16, recall=1, recall_len=8)
+    _, recalled = calibrate(model, ids, recipe, tmp_path, "random tokens")
+    loss = [h["kl"] + h["capacity"] for h in recalled]
+    assert sum(loss[-5:]) / 5 < 0.5 * sum(loss[:5]) / 5
+    assert recalled[0]["kl"] != history[0]["kl"]  # other windows from the first step
 
 
 @pytest.mark.parametrize("evidence", [None, "h2o"])
