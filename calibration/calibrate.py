@@ -147,6 +147,9 @@ def report(recipe: Recipe, history: list[dict] | None, card: dict, directory: Pa
     else:
         weighting = (f"; tokens weighted by their need of distant context (long-range weight "
                      f"{recipe.long_range_weight:g}, local window {recipe.local_window})" if recipe.long_range_weight else "")
+        if recipe.recall:
+            weighting += (f"; {recipe.recall} recall span(s) of {recipe.recall_len} tokens a window (inserted in its "
+                          "first three quarters, repeated in its last eighth)")
         run = (f"Method: {card['method']}{weighting}; {data}; {recipe.steps} steps of {recipe.seq_len} tokens; "
                f"target {recipe.budget} live entries per head; learning rate {recipe.lr:g} ({recipe.schedule}); {where}.\n\n"
                f"Final (mean of last 10 steps): KL {m['final_kl']:.4f} nats/token, capacity hinge "

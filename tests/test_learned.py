@@ -638,14 +638,18 @@ def test_long_range_weighted_calibration_trains(calibrated, tmp_path):
     assert weighted[0]["kl"] == history[0]["kl"] and weighted[-1]["kl"] != history[-1]["kl"]  # same start, other path
 
 
-def test_calibration_with_recall_spans_trains(calibrated, tmp_path):
+def test_calibration_with_recall_spans_trains(calibrated, tmp_path, bench_script):
     model, _, history = calibrated
     ids = torch.randint(2, 96, (4000,), generator=torch.Generator().manual_seed(0)).tolist()
     recipe = Recipe(model="tiny-llama", seq_len=64, budget=8, steps=40, lr=1e-2, width=16, recall=1, recall_len=8)
-    _, recalled = calibrate(model, ids, recipe, tmp_path, "random tokens")
+    card, recalled = calibrate(model, ids, recipe, tmp_path, "random tokens")
     loss = [h["kl"] + h["capacity"] for h in recalled]
     assert sum(loss[-5:]) / 5 < 0.5 * sum(loss[:5]) / 5
     assert recalled[0]["kl"] != history[0]["kl"]  # other windows from the first step
+    saved = json.loads(card.read_text())
+    assert saved["metrics"]["recipe"]["recall"] == 1  # the card says how its gates were trained
+    bench_script("calibrate", folder="calibration").report(recipe, recalled, saved, tmp_path, "r")
+    assert "1 recall span(s) of 8 tokens a window" in (tmp_path / "r.md").read_text()
 
 
 @pytest.mark.parametrize("evidence", [None, "h2o"])
