@@ -13,11 +13,12 @@ Only the gates learn. During training every attention logit gets the additive bi
 tokens that recall something said long before (names, numbers, facts) count more than those any
 recent window predicts. Text windows are sampled (seeded) from general text, never from
 the benchmark data. With ``recall`` ``n > 0`` each window also carries ``n`` recall spans: a span of
-``recall_len`` tokens from elsewhere in the corpus, inserted early in the window and repeated near its
-end, so that keeping out-of-place text a later token copies counts in the loss (the frozen model copies
-the repeat; the gated one can only if the first copy survived). Checkpoints (gates and AdamW's state as
-safetensors, the loss history and the training settings as JSON) make runs resumable: a resumed run continues with the same data order and
-optimizer state, so it ends where an uninterrupted run would.
+``recall_len`` tokens from a random place in the corpus, inserted early in the window and repeated
+near its end, so that keeping out-of-place text a later token copies counts in the loss (the frozen
+model copies the repeat; the gated one can only if the first copy survived). Checkpoints (gates and
+AdamW's state as safetensors, the loss history and the training settings as JSON) make runs
+resumable: a resumed run continues with the same data order and optimizer state, so it ends where an
+uninterrupted run would.
 Given held-out text, a run ends by choosing the policy's default allocator on it (:mod:`.validation`);
 :func:`recheck` runs that check again for gates calibrated before.
 """
@@ -123,10 +124,10 @@ class Recipe:
         object.__setattr__(self, "novelties", tuple(self.novelties))
         for weight in self.novelties:
             check_novelty(weight)
-        for key in ("recall", "recall_len"):
+        for key, least in (("recall", 0), ("recall_len", 1)):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "recall" else 1):
-                raise ValueError(f"{key} must be an int >= {0 if key == 'recall' else 1}, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{key} must be an int >= {least}, got {value!r}")
         if self.recall and self.method != "distillation":
             raise ValueError("recall spans are a distillation setting; the regression mode reads plain windows")
         if 4 * self.recall * self.recall_len > self.seq_len:

@@ -527,7 +527,8 @@ def test_cosine_schedule_decays_and_binds_the_length_of_the_run(calibrated, tmp_
                                            ({"recall": -1}, "recall must be an int >= 0"),
                                            ({"recall": 1, "recall_len": 0}, "recall_len must be an int >= 1"),
                                            ({"recall": 3, "recall_len": 50}, "at most a quarter"),
-                                           ({"recall": 1, "method": "regression", "tokens_per_window": 256}, "recall spans are a distillation")])
+                                           ({"recall": 1, "method": "regression", "tokens_per_window": 256},
+                                            "recall spans are a distillation")])
 def test_bad_recipes_are_refused(change, match):
     with pytest.raises(ValueError, match=match):
         Recipe(model="tiny-llama", **change)
