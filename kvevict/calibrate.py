@@ -85,10 +85,11 @@ class Recipe:
     recall_len: int = 16  # tokens per recall span
 
     def __post_init__(self) -> None:
-        for key in ("seq_len", "steps", "width", "threads"):
+        counts = (("seq_len", 1), ("steps", 1), ("width", 1), ("threads", 1), ("recall", 0), ("recall_len", 1))
+        for key, least in counts:
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key} must be an int >= 1, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{key} must be an int >= {least}, got {value!r}")
         if self.method == "distillation" and not 0 < self.budget < self.seq_len:
             raise ValueError(f"budget (target live entries per head) must lie between 0 and seq_len "
                              f"({self.seq_len}), got {self.budget}")
@@ -124,10 +125,6 @@ class Recipe:
         object.__setattr__(self, "novelties", tuple(self.novelties))
         for weight in self.novelties:
             check_novelty(weight)
-        for key, least in (("recall", 0), ("recall_len", 1)):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"{key} must be an int >= {least}, got {value!r}")
         if self.recall and self.method != "distillation":
             raise ValueError("recall spans are a distillation setting; the regression mode reads plain windows")
         if 4 * self.recall * self.recall_len > self.seq_len:
