@@ -12,6 +12,7 @@ them for another model is an error. Pickles are never loaded.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 POLICY_DIR = Path(__file__).resolve().parent.parent / "policies"
+POLICY_PATH_ENV = "KVEVICT_POLICIES"  # folders (os.pathsep-separated) searched for a card before POLICY_DIR
 DEFAULT_ALLOCATOR = "global-balanced"  # of gates whose calibration checked no held-out text
 
 
@@ -129,23 +131,61 @@ class RetentionGates(nn.Module):
         return path
 
 
+def policy_folders() -> list[Path]:
+    """The folders searched for a model's card, in order: those named in ``$KVEVICT_POLICIES``
+    (separated by ``os.pathsep``; each must exist), then the shipped ``policies/`` if present."""
+    named = [Path(p) for p in os.environ.get(POLICY_PATH_ENV, "").split(os.pathsep) if p]
+    for folder in named:
+        if not folder.is_dir():
+            raise ValueError(f"{POLICY_PATH_ENV} names {folder}, which is not a folder")
+    return named + [POLICY_DIR] * POLICY_DIR.is_dir()
+
+
 def load_gates(config: PretrainedConfig, path: str | Path | None = None) -> tuple[RetentionGates, Card]:
-    """Load calibrated gates for the model of ``config``: from the card at ``path``, or the card in
-    ``policies/`` whose fingerprint matches. Raises if none matches."""
+    """Load calibrated gates for the model of ``config``: from the card at ``path``, or the card whose
+    fingerprint matches in the first of :func:`policy_folders` that holds one. Raises if none matches,
+    or if one folder holds several matching cards."""
     want = Fingerprint.of(config)
-    if path is None and not POLICY_DIR.is_dir():
+    if path is not None:
+        return _load(Path(path), _read_card(Path(path)), want)
+    folders = policy_folders()
+    if not folders:
         raise ValueError(f"no policies folder at {POLICY_DIR}: the shipped policies live in the source checkout "
-                         "(install it with `pip install -e .`), or pass the path of a policy's card")
-    cards = [Path(path)] if path is not None else sorted(POLICY_DIR.glob("*.json"))
-    for card_path in cards:
-        raw = json.loads(card_path.read_text())
-        fp = Fingerprint(**{**raw["fingerprint"], "full_layers": tuple(raw["fingerprint"]["full_layers"])})
-        if fp != want:
-            if path is not None:
-                raise ValueError(f"{card_path.name} was calibrated for {fp}, not for this model ({want})")
-            continue
-        card = Card(**{**raw, "fingerprint": fp})
-        gates = RetentionGates(fp, width=card.width)
-        gates.load_state_dict(load_file(card_path.with_suffix(".safetensors")))  # float16 -> float32 params
-        return gates.eval(), card
-    raise ValueError(f"no calibrated policy in {POLICY_DIR} matches this model ({want}); run `kvevict calibrate`")
+                         f"(install it with `pip install -e .`); name a folder of cards in {POLICY_PATH_ENV}, "
+                         "or pass the path of a policy's card")
+    for folder in folders:
+        cards = {p: _read_card(p) for p in sorted(folder.glob("*.json"))}
+        found = [p for p, raw in cards.items() if isinstance(raw, dict) and "fingerprint" in raw and _fingerprint(raw) == want]
+        if len(found) > 1:
+            raise ValueError(f"several cards in {folder} match this model ({', '.join(p.name for p in found)}); "
+                             "keep one there, or pass the path of the card to use")
+        if found:
+            return _load(found[0], cards[found[0]], want)
+    raise ValueError(f"no calibrated policy in {', '.join(map(str, folders))} matches this model ({want}); "
+                     "run `kvevict calibrate`")
+
+
+def _read_card(card_path: Path) -> dict:
+    """The JSON at ``card_path`` (a card has a ``fingerprint``; other JSON files in a folder are skipped)."""
+    try:
+        return json.loads(card_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{card_path} is not valid JSON ({e})") from None
+
+
+def _fingerprint(raw: dict) -> Fingerprint:
+    """The fingerprint recorded in a card's JSON ``raw``."""
+    return Fingerprint(**{**raw["fingerprint"], "full_layers": tuple(raw["fingerprint"]["full_layers"])})
+
+
+def _load(card_path: Path, raw: dict, want: Fingerprint) -> tuple[RetentionGates, Card]:
+    """The gates of the card ``raw`` read from ``card_path``, refused unless calibrated for ``want``."""
+    if not isinstance(raw, dict) or "fingerprint" not in raw:
+        raise ValueError(f"{card_path} is not a policy card (it has no fingerprint)")
+    fp = _fingerprint(raw)
+    if fp != want:
+        raise ValueError(f"{card_path.name} was calibrated for {fp}, not for this model ({want})")
+    card = Card(**{**raw, "fingerprint": fp})
+    gates = RetentionGates(fp, width=card.width)
+    gates.load_state_dict(load_file(card_path.with_suffix(".safetensors")))  # float16 -> float32 params
+    return gates.eval(), card

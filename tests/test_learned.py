@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 
@@ -447,6 +448,38 @@ def test_policy_for_another_model_is_refused(calibrated):
 def test_learned_name_without_a_shipped_policy():
     with pytest.raises(ValueError, match="no calibrated policy"):
         EvictionCache(tiny_gemma3(), "learned", budget=64)
+
+
+def test_cards_are_found_in_the_folders_named_by_the_environment(calibrated, tmp_path, monkeypatch):
+    """``$KVEVICT_POLICIES`` folders come before the shipped ``policies/``, in their order; in one folder
+    a second matching card is an error, not a silent choice; other JSON files there are skipped."""
+    model, card, _ = calibrated
+    raw = json.loads(card.read_text())
+    folders = {}
+    for name, allocator in (("a", "uniform"), ("b", "pyramid")):
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        (folders[name] / card.name).write_text(json.dumps({**raw, "allocator": allocator}))
+        shutil.copy(card.with_suffix(".safetensors"), folders[name] / card.with_suffix(".safetensors").name)
+    (folders["a"] / "notes.json").write_text('{"not": "a card"}')
+    for order, kind in (("ab", Uniform), ("ba", Pyramid)):
+        monkeypatch.setenv("KVEVICT_POLICIES", os.pathsep.join(str(folders[name]) for name in order))
+        assert type(EvictionCache(model, "learned", budget=0.25).policy.allocator) is kind
+    shutil.copy(folders["b"] / card.name, folders["b"] / "again.json")
+    with pytest.raises(ValueError, match="several cards in .* match this model \\(again.json, "):
+        load_gates(model.config)
+    monkeypatch.setenv("KVEVICT_POLICIES", str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="KVEVICT_POLICIES names .*missing, which is not a folder"):
+        load_gates(model.config)
+    monkeypatch.setenv("KVEVICT_POLICIES", str(folders["a"]))
+    (folders["a"] / "broken.json").write_text("{")
+    with pytest.raises(ValueError, match="broken.json is not valid JSON"):
+        load_gates(model.config)
+    with pytest.raises(ValueError, match="notes.json is not a policy card"):
+        load_gates(model.config, folders["a"] / "notes.json")
+    monkeypatch.setenv("KVEVICT_POLICIES", "")  # none named: the shipped folder alone, which has no card for it
+    with pytest.raises(ValueError, match="no calibrated policy in .*policies matches this model"):
+        load_gates(model.config)
 
 
 def test_capacity_loss_is_zero_under_budget_and_positive_over():
