@@ -25,6 +25,7 @@ from transformers import DynamicCache
 from kvevict import EvictionCache, with_cache
 from kvevict.data import images as real_images
 from kvevict.evaluate import kv_bytes
+from kvevict.machine import hardware
 from kvevict.tiny_vlms import FAMILIES, SIZE
 
 
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     lines = [f"# Multimodal memory and speed: {args.model}", "",
-             ("Random weights: memory and speed only, no accuracy. " if tiny else "") + "2-core CPU.", "",
+             ("Random weights: memory and speed only, no accuracy. " if tiny else "") + f"{hardware()}.", "",
              "| images | prompt tokens | policy | budget | prefill s | decode ms/token | KV KB | image / text entries |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -30,6 +30,7 @@ from transformers import DynamicCache
 from kvevict import EvictionCache
 from kvevict.evaluate import (answer, check_policy_names, continuation_logits, fidelity, load_policy_table, policy_row,
                               policy_workload, save_policy_rows, score_answer, table_settings, workload_arguments)
+from kvevict.machine import hardware
 from kvevict.models import load_model
 
 POLICIES = ["random", "streaming", "h2o", "snapkv", "tova", "knorm", "keydiff", "expected_attention",
@@ -87,7 +88,7 @@ def table(rows: list[dict], args: argparse.Namespace, minutes: float) -> str:
         "",
         f"Fidelity: essay windows (docs: how many), last {args.continuation} tokens of each scored; needle: "
         f"{len(args.depths)} depths ({', '.join(map(str, args.depths))}); prefill in {args.chunk}-token chunks; "
-        f"2-core CPU, {args.threads} threads; the last run took {minutes:.1f} min (rows it did not measure come "
+        f"{hardware(threads=args.threads)}; the last run took {minutes:.1f} min (rows it did not measure come "
         "from earlier runs).",
         "",
         "| policy | budget | docs | NLL increase | top-1 agree | KL | needle | prefill s | vs full | KV MB |",

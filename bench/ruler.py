@@ -32,6 +32,7 @@ from transformers import DynamicCache  # noqa: E402
 
 from kvevict import EvictionCache  # noqa: E402
 from kvevict.evaluate import Prompt, answer, at_least, check_policy_names, score_answer  # noqa: E402
+from kvevict.machine import hardware  # noqa: E402
 from kvevict.models import load_model  # noqa: E402
 from kvevict.tasks import TASKS  # noqa: E402
 
@@ -153,7 +154,8 @@ def summarize(log: Path, model: str) -> None:
              "Mean score (RULER substring match) over n samples per task. Costs: KV MB held after the context, "
              "its prefill time, decode ms per answer token (question included) and the process's peak RSS during "
              "the run (model weights included; '-' for rows recorded before it was measured), averaged over the tasks. "
-             f"Compute: {minutes:.1f} min on a 2-core CPU, summed over the {len(records)} runs in this table."
+             f"Compute: {minutes:.1f} min summed over the {len(records)} runs in this table (the last run on a "
+             f"{hardware()})."
              + (" Cells differ in their number of samples n (a later run added seeds to some): the mean over tasks "
                 "weighs each task's mean equally." if len({r["n"] for r in rows}) > 1 else "")]
     shared = common_tasks(rows)

@@ -39,6 +39,7 @@ from transformers import DynamicCache  # noqa: E402
 
 from kvevict import EvictionCache, with_cache  # noqa: E402
 from kvevict.evaluate import kv_bytes, prefill as chunked_prefill  # noqa: E402
+from kvevict.machine import hardware  # noqa: E402
 from kvevict.models import load_model  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -187,9 +188,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"speed_{args.model}"
     stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-    stem.with_suffix(".md").write_text(table(rows, args.policies[0]) + "\n")
+    stem.with_suffix(".md").write_text(table(rows, args.policies[0], args.threads) + "\n")
     plot(rows, stem.with_suffix(".png"))
-    print(table(rows, args.policies[0]))
+    print(table(rows, args.policies[0], args.threads))
     return rows
 
 
@@ -212,7 +213,7 @@ def main_paired(args: argparse.Namespace) -> list[dict]:
     stem = RESULTS / f"speed_{args.model}_paired"
     stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     reference = args.policies[0]
-    lines = [f"# Evicting caches interleaved ({rows[0]['model']}, {args.threads} CPU threads; ratios: median of per-round ratios "
+    lines = [f"# Evicting caches interleaved ({rows[0]['model']}, {hardware(threads=args.threads)}; ratios: median of per-round ratios "
              f"to {reference}, {args.repeats} prefills and {args.steps - WARMUP} decode steps each)", "",
              f"| context | cache | prefill s | vs {reference} | decode ms/token | vs {reference} |",
              "|---|---|---|---|---|---|"]
@@ -223,15 +224,15 @@ def main_paired(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def table(rows: list[dict], reference: str) -> str:
+def table(rows: list[dict], reference: str, threads: int) -> str:
     """Markdown table; prefill and decode times relative to the ``reference`` evicting cache, decode also
-    to the plain cache."""
+    to the plain cache; measured on ``threads`` CPU threads."""
     def rel(r: dict, prefix: str, key: str = "decode_ms") -> str:
         base = [x[key] for x in rows if x["context"] == r["context"] and x["cache"].startswith(prefix)]
         return f"{r[key] / base[0]:.2f}x" if base else "-"
 
     ref = reference + "-"
-    lines = [f"# Prefill, decode speed and memory ({rows[0]['model']}, 2-core CPU)", "",
+    lines = [f"# Prefill, decode speed and memory ({rows[0]['model']}, {hardware(threads=threads)})", "",
              f"| context | cache | prefill s | vs {reference} | decode ms/token | vs plain | vs {reference} | KV MB "
              "| peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -43,6 +42,7 @@ from .compat import attention_input, attention_modules
 from .data import check_corpus
 from .evaluate import token_kl
 from .gates import Card, Fingerprint, RetentionGates, load_gates
+from .machine import hardware
 from .scoring.learned import check_lookahead, check_novelty
 from .targets import TARGETS
 from .validation import HeldOut, choose_allocator, choose_lookahead, choose_novelty, per_budget
@@ -243,13 +243,6 @@ def windows(ids: list[int], seq_len: int, rng: random.Random, recall: int = 0, r
     for place, span in sorted(inserts, key=lambda x: x[0], reverse=True):  # the latest first: places stay valid
         window = window[:place] + span + window[place:]
     return torch.tensor([window])
-
-
-def hardware(device: torch.device, threads: int) -> str:
-    """What a run on ``device`` ran on, for cards and reports (e.g. ``"NVIDIA H200"``)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{os.cpu_count()}-core CPU ({threads} threads)" if device.type == "cpu" else device.type
 
 
 def calibrate(model: PreTrainedModel, ids: list[int], recipe: Recipe, out: Path, data_name: str,

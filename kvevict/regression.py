@@ -30,8 +30,9 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from .calibrate import Recipe, check_on_held_out, hardware, windows
+from .calibrate import Recipe, check_on_held_out, windows
 from .gates import Card, Fingerprint, RetentionGates
+from .machine import hardware
 from .targets import kvzip_targets, reuse_targets
 
 METHOD = {"kvzip": "KVzip+ regression (KVzap)", "reuse": "reuse regression"}  # the card's method, by target

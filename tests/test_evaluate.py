@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from transformers import DynamicCache
 from kvevict import EvictionCache
 from kvevict.evaluate import (fidelity, load_policy_table, needle_prompt, policy_row, save_policy_rows, score_answer,
                               window_offsets)
+from kvevict.machine import hardware
 from kvevict.models import load_model
 from conftest import prompt
 
@@ -120,8 +122,16 @@ def test_ruler_summary_lands_beside_its_log(bench_script, tmp_path):
     log.write_text("".join(json.dumps(r) + "\n" for r in records))
     ruler.summarize(log, "m")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ruler_m.csv", "ruler_m.jsonl", "ruler_m.md", "ruler_m.png"]
-    assert "| snapkv | - | 0.00 |" in (tmp_path / "ruler_m.md").read_text()
+    summary = (tmp_path / "ruler_m.md").read_text()
+    assert "| snapkv | - | 0.00 |" in summary and f"the last run on a {hardware()})" in summary
     assert sorted(p.name for p in ruler.RESULTS.iterdir()) == results  # --out elsewhere leaves bench/results alone
+
+
+def test_hardware_names_the_machine_a_run_ran_on(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 7)
+    assert hardware("cpu", 3) == "7-core CPU (3 threads)"
+    assert hardware() == f"7-core CPU ({torch.get_num_threads()} threads)"  # torch's current setting
+    assert hardware(torch.device("meta"), 2) == "meta"
 
 
 def test_more_windows_cover_new_text():
