@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=ROOT / "policies")
     p.add_argument("--reports", type=Path, default=ROOT / "calibration" / "reports",
                    help="folder for the loss-curve report")
-    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument("--fresh", action="store_true", help="delete an existing checkpoint and start again")
     p.add_argument("--recheck", action="store_true",
                    help="no training: choose the allocator of the policy in --out again on held-out text")
     p.add_argument("--no-check", action="store_true",
@@ -148,8 +148,8 @@ def report(recipe: Recipe, history: list[dict] | None, card: dict, directory: Pa
         weighting = (f"; tokens weighted by their need of distant context (long-range weight "
                      f"{recipe.long_range_weight:g}, local window {recipe.local_window})" if recipe.long_range_weight else "")
         if recipe.recall:
-            weighting += (f"; {recipe.recall} recall span(s) of {recipe.recall_len} tokens a window (inserted in its "
-                          "first three quarters, repeated in its last eighth)")
+            weighting += (f"; {recipe.recall} recall span(s) of {recipe.recall_len} tokens a window (inserted in the "
+                          "first three quarters of its text, repeated in the text's last eighth)")
         run = (f"Method: {card['method']}{weighting}; {data}; {recipe.steps} steps of {recipe.seq_len} tokens; "
                f"target {recipe.budget} live entries per head; learning rate {recipe.lr:g} ({recipe.schedule}); {where}.\n\n"
                f"Final (mean of last 10 steps): KL {m['final_kl']:.4f} nats/token, capacity hinge "

@@ -33,6 +33,14 @@ ATTN_IMPLEMENTATION = "kvevict"
 
 UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks")  # attention features that change the softmax
 
+
+def refuse_unsupported(kwargs: dict, who: str) -> None:
+    """Raise if the attention call's ``kwargs`` ask for a softmax ``who`` (e.g. "kvevict attention") does
+    not compute: logit soft-capping or attention sinks."""
+    unsupported = [k for k in UNSUPPORTED_KWARGS if kwargs.get(k) is not None]
+    if unsupported:
+        raise ValueError(f"{who} does not support {unsupported} (logit soft-capping, attention sinks)")
+
 _PENDING: ContextVar["EvictingLayer | None"] = ContextVar("kvevict_pending_layer", default=None)
 
 
@@ -120,9 +128,7 @@ def kvevict_attention(
             attention_mask = attention_mask.standard()
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    unsupported = [k for k in UNSUPPORTED_KWARGS if kwargs.get(k) is not None]
-    if unsupported:
-        raise ValueError(f"kvevict attention does not support {unsupported} (logit soft-capping, attention sinks)")
+    refuse_unsupported(kwargs, "kvevict attention")
     if isinstance(attention_mask, torch.Tensor):
         raise ValueError(
             "kvevict attention needs the 2D attention mask (got a prepared 4D mask); pass `attention_mask` as "

@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import AttentionInterface, PreTrainedModel
 
+from .attention import refuse_unsupported
 from .compat import attention_input, attention_modules
 from .data import check_corpus
 from .evaluate import token_kl
@@ -85,18 +86,22 @@ class Recipe:
     recall_len: int = 16  # tokens per recall span
 
     def __post_init__(self) -> None:
-        counts = (("seq_len", 1), ("steps", 1), ("width", 1), ("threads", 1), ("recall", 0), ("recall_len", 1))
+        counts = (("seq_len", 1), ("budget", 0), ("steps", 1), ("width", 1), ("seed", 0), ("threads", 1),
+                  ("validate_len", 1), ("validate_windows", 1), ("local_window", 0), ("epochs", 1),
+                  ("tokens_per_window", 1), ("recall", 0), ("recall_len", 1))
         for key, least in counts:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{key} must be an int >= {least}, got {value!r}")
+        for key in ("lr", "capacity_weight", "long_range_weight"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
         if self.method == "distillation" and not 0 < self.budget < self.seq_len:
             raise ValueError(f"budget (target live entries per head) must lie between 0 and seq_len "
                              f"({self.seq_len}), got {self.budget}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not self.capacity_weight >= 0:
-            raise ValueError(f"capacity_weight must be >= 0, got {self.capacity_weight}")
         if self.validate_len < MIN_VALIDATE_LEN:
             raise ValueError(f"validate_len must be >= {MIN_VALIDATE_LEN} tokens (each held-out window is a "
                              f"compressed prefix and its scored continuation), got {self.validate_len}")
@@ -108,12 +113,8 @@ class Recipe:
         if self.method == "regression" and not 0 < self.tokens_per_window <= entries:
             raise ValueError(f"tokens_per_window must lie in 1..{entries} (the entries a {self.target} window "
                              f"of {self.seq_len} yields), got {self.tokens_per_window}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown learning-rate schedule {self.schedule!r}; known: {SCHEDULES}")
-        if not self.long_range_weight >= 0:
-            raise ValueError(f"long_range_weight must be >= 0, got {self.long_range_weight}")
         if self.long_range_weight and not 0 < self.local_window < self.seq_len:
             raise ValueError(f"local_window must lie between 0 and seq_len ({self.seq_len}), got {self.local_window}")
         check_corpus(self.data)
@@ -130,8 +131,6 @@ class Recipe:
         if 4 * self.recall * self.recall_len > self.seq_len:
             raise ValueError(f"{self.recall} recall spans of {self.recall_len} tokens (each twice) leave too little of "
                              f"a {self.seq_len}-token window: at most a quarter of it may be recall spans and copies")
-        if self.validate_windows < 1:
-            raise ValueError(f"validate_windows must be >= 1, got {self.validate_windows}")
 
     def check_text(self, ids: list[int]) -> None:
         """Refuse calibration text too short to sample a window from."""
@@ -181,6 +180,7 @@ class SoftEviction:
 
     def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         """Causal (or sliding-window) attention over an unpadded batch, plus the decay bias."""
+        refuse_unsupported(kwargs, "calibration's soft eviction")
         b, hq, t, d = query.shape
         h = key.shape[1]
         logits = torch.einsum("bhgqd,bhkd->bhgqk", query.view(b, h, hq // h, t, d), key) * scaling
@@ -229,8 +229,9 @@ def long_range_weights(reach: torch.Tensor, strength: float) -> torch.Tensor:
 
 def windows(ids: list[int], seq_len: int, rng: random.Random, recall: int = 0, recall_len: int = 16) -> torch.Tensor:
     """One training window ``[1, seq_len]`` of ``ids`` at a random start. With ``recall`` spans, the window
-    is shorter text with each span (``recall_len`` tokens from a random place in ``ids``) inserted in its
-    first three quarters and repeated in its last eighth."""
+    is shorter text with each span (``recall_len`` tokens from a random place in ``ids``) inserted in the
+    text's first three quarters and repeated in its last eighth (places in the text: the spans inserted
+    before a repeat push it later, to 85% of a 1024-token window or beyond with 2 spans of 16)."""
     text = seq_len - 2 * recall * recall_len
     start = rng.randrange(len(ids) - seq_len)
     window = ids[start : start + text]
@@ -252,6 +253,8 @@ def calibrate(model: PreTrainedModel, ids: list[int], recipe: Recipe, out: Path,
     held-out token ids ``validation``, the card's allocator is chosen on them; else it stays the
     balanced global budget."""
     recipe.check_text(ids)
+    if validation is not None:
+        recipe.check_held_out(validation)
     torch.manual_seed(recipe.seed)
     torch.set_num_threads(recipe.threads)
     model.requires_grad_(False).eval()
@@ -318,9 +321,19 @@ def calibrate(model: PreTrainedModel, ids: list[int], recipe: Recipe, out: Path,
                  "live_per_head_at_end_of_window": tail[-1]["live_per_head"],
                  "recipe": asdict(recipe), "hardware": hardware(device, recipe.threads)},
     )
+    return save_and_check(model, gates, card, out, validation, recipe), history
+
+
+def save_and_check(model: PreTrainedModel, gates: RetentionGates, card: Card, out: Path,
+                   validation: list[int] | None, recipe: Recipe) -> Path:
+    """Write ``gates`` and ``card`` to ``out`` (trained gates are never lost to a failing check); then, given
+    held-out token ids ``validation``, run the check on the gates as written (float16 weights, as shipped)
+    and rewrite the card with its choices. Returns the card path."""
+    path = gates.eval().save(out, card)
     if validation is not None:
-        check_on_held_out(model, gates.eval(), validation, recipe, card)
-    return gates.eval().save(out, card), history
+        check_on_held_out(model, load_gates(model.config, path)[0], validation, recipe, card)
+        card.write(path)
+    return path
 
 
 def recheck(model: PreTrainedModel, card_path: Path, validation: list[int], recipe: Recipe) -> Path:
@@ -329,10 +342,10 @@ def recheck(model: PreTrainedModel, card_path: Path, validation: list[int], reci
     trained with other settings than ``recipe``'s."""
     gates, card = load_gates(model.config, card_path)
     recorded = {k: v for k, v in card.metrics.get("recipe", {}).items() if k in Recipe.__dataclass_fields__}
-    made = _training_settings(Recipe(**{"model": recipe.model, **recorded}))  # defaults for fields it predates
-    if made != _training_settings(recipe):
-        raise ValueError(f"{card_path} was calibrated with other settings ({made}) than this recipe "
-                         f"({_training_settings(recipe)})")
+    made = Recipe(**{"model": recipe.model, **recorded})  # defaults for fields it predates
+    made_with, wanted = ({**_training_settings(r), "steps": r.steps} for r in (made, recipe))  # run as long, too
+    if made_with != wanted:
+        raise ValueError(f"{card_path} was calibrated with other settings ({made_with}) than this recipe ({wanted})")
     card.metrics["recipe"] = asdict(recipe)
     check_on_held_out(model, gates, validation, recipe, card)
     card.write(card_path)

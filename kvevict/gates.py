@@ -22,6 +22,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PretrainedConfig
 
+from .selection import ALLOCATORS
+
 POLICY_DIR = Path(__file__).resolve().parent.parent / "policies"
 POLICY_PATH_ENV = "KVEVICT_POLICIES"  # folders (os.pathsep-separated) searched for a card before POLICY_DIR
 DEFAULT_ALLOCATOR = "global-balanced"  # of gates whose calibration checked no held-out text
@@ -185,7 +187,12 @@ def _load(card_path: Path, raw: dict, want: Fingerprint) -> tuple[RetentionGates
     fp = _fingerprint(raw)
     if fp != want:
         raise ValueError(f"{card_path.name} was calibrated for {fp}, not for this model ({want})")
-    card = Card(**{**raw, "fingerprint": fp})
+    try:
+        card = Card(**{**raw, "fingerprint": fp})
+    except TypeError as e:  # a field missing or unknown
+        raise ValueError(f"{card_path} is not a valid policy card: {e}") from None
+    if card.allocator not in ALLOCATORS:
+        raise ValueError(f"{card_path} names an unknown allocator {card.allocator!r}; known: {sorted(ALLOCATORS)}")
     gates = RetentionGates(fp, width=card.width)
     gates.load_state_dict(load_file(card_path.with_suffix(".safetensors")))  # float16 -> float32 params
     return gates.eval(), card

@@ -9,7 +9,7 @@ import torch
 from transformers import PretrainedConfig
 
 from .gates import load_gates
-from .scoring import DART, SCORERS, CriticalKV, Scorer, SnapKV
+from .scoring import DART, SCORERS, CriticalKV, Scorer
 from .scoring.learned import EVIDENCE, EVIDENCE_WEIGHT, LearnedRetention
 from .selection import Allocator, make_allocator
 
@@ -91,16 +91,12 @@ def _scorer(name: str, spec: str, config: PretrainedConfig | None) -> Scorer:
         if config is None:
             raise ValueError("the learned policy is calibrated per model: resolve it with the model's config")
         gates, card = load_gates(config)
-        weight = EVIDENCE_WEIGHT if evidence else 0.0
-        lookahead = int(steps) if at else card.lookahead
-        scorer = LearnedRetention(gates, lookahead, default_allocator=card.allocator, attention_weight=weight,
-                                  evidence=evidence or SnapKV.name,
-                                  novelty=float(novelty) if tilde else card.novelty)
-        if at and not lookahead:
-            scorer.name += "@0"  # asked for none: told apart from a card's lookahead (which may be per budget)
+        settings = {"attention_weight": EVIDENCE_WEIGHT, "evidence": evidence} if evidence else {}
+        if at:
+            settings["lookahead"] = int(steps)
         if tilde:
-            scorer.name += f"~{float(novelty):g}"  # asked for: told apart from the card's
-        return scorer
+            settings["novelty"] = float(novelty)
+        return LearnedRetention.from_card(gates, card, **settings)
     if name not in SCORERS:
         raise ValueError(f"unknown scorer {name!r} in policy {spec!r}; known: {available_policies()}")
     return SCORERS[name]()

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from .calibrate import Recipe, check_on_held_out, windows
+from .calibrate import Recipe, save_and_check, windows
 from .gates import Card, Fingerprint, RetentionGates
 from .machine import hardware
 from .targets import kvzip_targets, reuse_targets
@@ -139,6 +139,8 @@ def calibrate_regression(model: PreTrainedModel, ids: list[int], frame: tuple[li
     """Regression calibration of gates for ``model`` on token ids ``ids`` (``frame``:
     :func:`.targets.repeat_frame`); write the policy to ``out``; return its card path and the
     fit's history. With held-out token ids ``validation``, the card's allocator is chosen on them."""
+    if validation is not None:
+        recipe.check_held_out(validation)
     torch.set_num_threads(recipe.threads)
     model.requires_grad_(False).eval()
     x, y, seconds = extract(model, ids, frame, recipe, checkpoint)
@@ -156,9 +158,7 @@ def calibrate_regression(model: PreTrainedModel, ids: list[int], frame: tuple[li
                  "recipe": asdict(recipe),
                  "hardware": hardware(next(model.parameters()).device, recipe.threads)},
     )
-    if validation is not None:
-        check_on_held_out(model, gates.eval(), validation, recipe, card)
-    return gates.eval().save(out, card), history
+    return save_and_check(model, gates, card, out, validation, recipe), history
 
 
 def _check_checkpoint(checkpoint: Path, settings: dict) -> None:

@@ -28,7 +28,7 @@ from transformers import AttentionInterface, DynamicCache, PreTrainedModel, PreT
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .attention import UNSUPPORTED_KWARGS
+from .attention import refuse_unsupported
 from .compat import attention_input, attention_modules, decoder, with_cache
 from .evaluate import chat_frame, encode
 from .scoring.criticalkv import output_norms
@@ -134,9 +134,7 @@ def _run(model: PreTrainedModel, ids: torch.Tensor, layers: tuple[int, ...], rec
         inputs[module.layer_idx] = attention_input(args, kwargs)
 
     def attention(module, query, key, value, attention_mask, **kwargs):
-        for name in UNSUPPORTED_KWARGS:
-            if kwargs.get(name) is not None:
-                raise ValueError(f"regression targets do not support attention with {name!r}")
+        refuse_unsupported(kwargs, "the regression targets' attention")
         out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
         layer = getattr(module, "layer_idx", None)
         if layer in inputs:

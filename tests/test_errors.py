@@ -130,3 +130,22 @@ def test_layer_tensors_cannot_be_replaced_from_outside(llama):
         layer.keys = layer.keys.clone()
     with pytest.raises(RuntimeError, match="offloading is not supported"):
         layer.offload()
+
+
+def test_softmax_features_kvevict_does_not_compute_are_refused(tmp_path):
+    """Gemma 2 soft-caps its attention logits: the evicting attention and calibration's soft eviction
+    refuse it instead of silently computing another softmax."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from kvevict.calibrate import Recipe, calibrate
+
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(Gemma2Config(
+        vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, sliding_window=16, attn_logit_softcapping=50.0)).eval()
+    with pytest.raises(ValueError, match="kvevict attention does not support \\['softcap'\\]"):
+        model(prompt(40), **with_cache(model, EvictionCache(model, "streaming", budget=20, sinks=2, recent=4)))
+    ids = torch.randint(2, 96, (400,), generator=torch.Generator().manual_seed(0)).tolist()
+    recipe = Recipe(model="tiny-gemma2", seq_len=32, budget=8, steps=1, width=8)
+    with pytest.raises(ValueError, match="calibration's soft eviction does not support \\['softcap'\\]"):
+        calibrate(model, ids, recipe, tmp_path, "random tokens")

@@ -47,6 +47,15 @@ def test_calibration_lowers_the_loss_and_reaches_the_budget(calibrated):
     assert saved["metrics"]["hardware"].endswith("CPU (2 threads)")  # what the calibration time was measured on
 
 
+def test_calibrate_checks_the_held_out_text_before_it_trains(calibrated, tmp_path):
+    model, _, _ = calibrated
+    ids = torch.randint(2, 96, (4000,), generator=torch.Generator().manual_seed(0)).tolist()
+    recipe = Recipe(model="tiny-llama", seq_len=64, budget=8, steps=40, lr=1e-2, width=16, validate_len=256)
+    with pytest.raises(ValueError, match="too few for validate_windows=2 x validate_len=256"):
+        calibrate(model, ids, recipe, tmp_path, "random tokens", checkpoint=tmp_path / "ckpt", validation=ids[:500])
+    assert not (tmp_path / "ckpt").exists()  # no step was spent
+
+
 def test_calibration_text_shorter_than_a_window_is_refused(calibrated, tmp_path):
     model, _, _ = calibrated
     with pytest.raises(ValueError, match="calibration text of 64 tokens is too short for windows of 64"):
@@ -167,6 +176,34 @@ def test_novelty_adds_keydiffs_signal_and_keeps_the_key_that_stands_out(calibrat
     for bad in (-0.5, True, "1", float("nan"), float("inf")):
         with pytest.raises(ValueError, match="novelty must be a number >= 0"):
             LearnedRetention(gates, novelty=bad)
+
+
+def test_from_card_takes_the_cards_settings_and_overrides_them_as_names_do(calibrated, tmp_path, monkeypatch):
+    model, card, _ = calibrated
+    raw = json.loads(card.read_text())
+    path = tmp_path / card.name
+    path.write_text(json.dumps({**raw, "allocator": "uniform", "lookahead": {"0.1": 50, "0.25": 0}, "novelty": 0.5}))
+    shutil.copy(card.with_suffix(".safetensors"), path.with_suffix(".safetensors"))
+    gates, loaded = load_gates(model.config, path)
+    plain = LearnedRetention.from_card(gates, loaded)
+    assert (plain.lookahead, plain.novelty, plain.default_allocator, plain.name) == ({0.1: 50, 0.25: 0}, 0.5, "uniform",
+                                                                                     "learned")
+    ahead = LearnedRetention.from_card(gates, loaded, lookahead=512)
+    assert (ahead.lookahead, ahead.novelty, ahead.name) == (512, 0.5, "learned@512")  # the card's novelty stays
+    monkeypatch.setattr(policy_module, "load_gates", lambda config: load_gates(config, path))
+    for name, kwargs in (("learned@512", {"lookahead": 512}), ("learned~0", {"novelty": 0.0}),
+                         ("learned@0", {"lookahead": 0}),
+                         ("learned+snapkv@64~1", {"attention_weight": 0.5, "lookahead": 64, "novelty": 1.0})):
+        by_name = policy_module.resolve_policy(name, model.config).scorer
+        direct = LearnedRetention.from_card(gates, loaded, **kwargs)
+        assert by_name.name == direct.name == name
+        assert (by_name.lookahead, by_name.novelty, by_name.attention_weight) == (
+            direct.lookahead, direct.novelty, direct.attention_weight)
+    for change, match in (({"allocator": "nowhere"}, "names an unknown allocator 'nowhere'"),
+                          ({"colour": "red"}, "is not a valid policy card: .*colour")):
+        path.write_text(json.dumps({**raw, **change}))
+        with pytest.raises(ValueError, match=match):
+            load_gates(model.config, path)
 
 
 def test_the_check_chooses_the_novelty_weight_of_lowest_mean_kl(calibrated):
@@ -293,8 +330,9 @@ def test_recheck_rechooses_the_allocator_of_calibrated_gates(calibrated, tmp_pat
     assert {k: v for k, v in after["metrics"].items() if k not in ("validation", "recipe")} == {
         k: v for k, v in before["metrics"].items() if k != "recipe"}
     assert path.with_suffix(".safetensors").read_bytes() == card.with_suffix(".safetensors").read_bytes()
-    with pytest.raises(ValueError, match="other settings"):  # gates trained otherwise are not this recipe's
-        recheck(model, path, held_out, Recipe(**{**same, "budget": 16}))
+    for other in ({"budget": 16}, {"steps": 41}):  # gates trained otherwise, or longer, are not this recipe's
+        with pytest.raises(ValueError, match="other settings"):
+            recheck(model, path, held_out, Recipe(**{**same, **other}))
     recheck(model, path, held_out, Recipe(**same, lookahead=128))  # a lookahead is the check's, not the training's
     assert json.loads(path.read_text())["lookahead"] == 128
     recheck(model, path, held_out, Recipe(**same, lookaheads=[0, 32]))  # or one per budget, chosen there
@@ -548,7 +586,13 @@ def test_cosine_schedule_decays_and_binds_the_length_of_the_run(calibrated, tmp_
                                            ({"data": "essays"}, "unknown calibration data"),
                                            ({"validate_data": "essays"}, "unknown calibration data"),
                                            ({"validate_windows": 0}, "validate_windows"),
-                                           ({"long_range_weight": -1.0}, "long_range_weight must be >= 0"),
+                                           ({"long_range_weight": -1.0}, "long_range_weight must be a finite number >= 0"),
+                                           ({"capacity_weight": float("nan")}, "capacity_weight must be a finite number"),
+                                           ({"lr": float("inf")}, "lr must be a finite number"),
+                                           ({"seed": 1.5}, "seed must be an int >= 0"),
+                                           ({"budget": 96.5}, "budget must be an int >= 0"),
+                                           ({"validate_windows": 2.0}, "validate_windows must be an int >= 1"),
+                                           ({"validate_len": 4096.0}, "validate_len must be an int"),
                                            ({"long_range_weight": 1.0, "local_window": 0}, "local_window must lie"),
                                            ({"long_range_weight": 1.0, "local_window": 512}, "local_window must lie"),
                                            ({"steps": 0}, "steps must be an int >= 1"),

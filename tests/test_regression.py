@@ -149,11 +149,12 @@ def test_extraction_resumes_from_its_checkpoint(regressed, text, tmp_path, targe
 
 @pytest.mark.parametrize("change, match", [
     ({"method": "bogus"}, "unknown calibration method"),
-    ({"tokens_per_window": 0}, "tokens_per_window must lie in 1..64"),
+    ({"tokens_per_window": 0}, "tokens_per_window must be an int >= 1"),
+    ({"tokens_per_window": 8.5}, "tokens_per_window must be an int >= 1"),
     ({"tokens_per_window": 65}, "tokens_per_window must lie in 1..64"),
     ({"target": "reuse", "tokens_per_window": 33}, "tokens_per_window must lie in 1..32"),
     ({"target": "bogus"}, "unknown regression target"),
-    ({"epochs": 0}, "epochs must be >= 1"),
+    ({"epochs": 0}, "epochs must be an int >= 1"),
 ])
 def test_bad_regression_recipes_are_refused(change, match):
     with pytest.raises(ValueError, match=match):

@@ -6,8 +6,9 @@ steps: ``(t + 1 - i) log beta + log(1 - beta^n) - log(1 - beta)`` (the entry's e
 retention over the next ``n`` steps). The lookahead may depend on the budget (``{fraction: steps}``:
 the entry at the budget nearest to the fraction of its tokens a row keeps). Scores share one scale
 across layers and heads, so the policy pairs with the global allocator (one budget for the whole
-model) or a threshold. Its default allocator and lookahead are the ones its calibration chose on
-held-out text (the card's ``allocator``, ``lookahead`` and ``novelty``).
+model) or a threshold. :meth:`LearnedRetention.from_card` (and the name ``"learned"``) takes the default
+allocator, lookahead and novelty its calibration chose on held-out text (the card's ``allocator``,
+``lookahead`` and ``novelty``); the constructor alone takes none of them.
 
 With ``novelty`` ``v > 0`` the score adds ``v (-cos(k_i, mean key))``, KeyDiff's signal: of entries
 the gates rate alike, those whose key stands out from the head's others stay (in repetitive text the
@@ -30,7 +31,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ..gates import DEFAULT_ALLOCATOR, RetentionGates
+from ..gates import DEFAULT_ALLOCATOR, Card, RetentionGates
 from .base import Scorer, ScoreInputs
 from .h2o import H2O
 from .keydiff import KeyDiff
@@ -106,6 +107,19 @@ class LearnedRetention(Scorer):
         self.scores_late = not (self.evidence and self.evidence.observes)  # evidence seen each pass: score each pass
         self.accumulates = bool(self.evidence and self.evidence.accumulates)
         self.placed = False
+
+    @classmethod
+    def from_card(cls, gates: RetentionGates, card: Card, **settings: object) -> "LearnedRetention":
+        """The policy a card describes: its gates under the card's allocator, lookahead and novelty weight,
+        each overridden by ``settings`` (any of this class's arguments), as ``"learned@512"`` does by name.
+        The name shows the overrides of the card's novelty and the explicit lookahead ``0``."""
+        defaults = {"lookahead": card.lookahead, "novelty": card.novelty, "default_allocator": card.allocator}
+        scorer = cls(gates, **{**defaults, **settings})  # type: ignore[arg-type]
+        if settings.get("lookahead") == 0:
+            scorer.name += "@0"  # asked for none: told apart from a card's lookahead (which may be per budget)
+        if "novelty" in settings:
+            scorer.name += f"~{scorer.novelty:g}"  # asked for: told apart from the card's
+        return scorer
 
     @torch.no_grad()
     def observe(self, inputs: ScoreInputs) -> None:
