@@ -40,8 +40,8 @@ class Protection:
     recent: int = 32
 
     def __post_init__(self) -> None:
-        if self.sinks < 0 or self.recent < 0:
-            raise ValueError(f"sinks and recent must be >= 0, got sinks={self.sinks}, recent={self.recent}")
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in (self.sinks, self.recent)):
+            raise ValueError(f"sinks and recent must be ints >= 0, got sinks={self.sinks!r}, recent={self.recent!r}")
 
     @property
     def total(self) -> int:
@@ -81,7 +81,9 @@ class EvictingLayer(CacheLayerMixin):
         self.real: torch.Tensor | None = None  # [B] real (non-pad) tokens seen per row
         self.sink_end: torch.Tensor | None = None  # [B] logical position after the row's last sink
         self.real_min = 0  # min(real), kept as an int to avoid device syncs when decoding
-        self.evicted = 0
+        self.evicted = 0  # entries the policy dropped
+        self.trimmed = 0  # entries a sliding layer's window let go (as transformers' sliding layers do)
+        self.guaranteed_from = 0  # every token from this logical position on is stored (a crop may reach back to it)
         self.since_eviction = 0
         self.paused = False
         self.window: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # recent queries
@@ -122,7 +124,10 @@ class EvictingLayer(CacheLayerMixin):
     @property
     def is_croppable(self) -> bool:
         """A crop restores the cache exactly only while nothing was evicted and the scorer keeps no sums
-        over queries (transformers' assisted decoding refuses a cache that is not croppable)."""
+        over queries (transformers' assisted decoding refuses a cache that is not croppable). A sliding
+        layer is, like transformers' own: its window's overflow is kept once past recording is on."""
+        if self.sliding_window is not None:
+            return True
         return self.evicted == 0 and not self.policy.scorer.accumulates
 
     # --- transformers layer contract -------------------------------------------------------------
@@ -176,7 +181,7 @@ class EvictingLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.kv = None
-        self.seen, self.evicted = 0, 0
+        self.seen, self.evicted, self.trimmed, self.guaranteed_from = 0, 0, 0, 0
         self.paused = self.record_past = False
         self.real = self.sink_end = None
         self.real_min = 0
@@ -222,10 +227,11 @@ class EvictingLayer(CacheLayerMixin):
                     f"layer {self.layer_idx}: a full sliding window cannot be cropped without past recording; "
                     "call cache.activate_past_recording() before the tokens to roll back"
                 )
-        elif self.evicted and removed > self.protection.recent:
+        elif new_seen < self.guaranteed_from:
             raise ValueError(
-                f"layer {self.layer_idx}: cannot crop {removed} tokens: after eviction only the last "
-                f"{self.protection.recent} are guaranteed to be stored (raise `recent` to allow deeper rollbacks)"
+                f"layer {self.layer_idx}: cannot crop {removed} tokens: only the tokens from position "
+                f"{self.guaranteed_from} on are guaranteed to be stored (the last {self.protection.recent} at the "
+                "latest eviction; raise `recent` to allow deeper rollbacks)"
             )
         dropped = self.kv.positions >= new_seen
         self.real = self.real - dropped.sum(-1).amax(-1)  # every head stores the recent tokens
@@ -263,7 +269,7 @@ class EvictingLayer(CacheLayerMixin):
             valid = self.kv.valid()
             keep = valid if self.record_past else self.kv.positions > self.seen - self.sliding_window
             if new_pads or bool((valid & ~keep).any()):
-                self.evicted += self.kv.compact(keep)
+                self.trimmed += self.kv.compact(keep)
             return
         scorer = self.policy.scorer
         if is_real is None and (scorer.query_window or scorer.observes):
@@ -395,7 +401,10 @@ class EvictingLayer(CacheLayerMixin):
         """Compact to the ``selected`` slots plus the protected ones, in the ``rows`` ``[B]`` that are over
         budget; other rows keep everything, as they would if they ran alone."""
         keep = selected | (inputs.protected & inputs.valid)
-        self.evicted += self.kv.compact(torch.where(rows[:, None, None], keep, inputs.valid))
+        dropped = self.kv.compact(torch.where(rows[:, None, None], keep, inputs.valid))
+        if dropped:
+            self.evicted += dropped
+            self.guaranteed_from = max(self.guaranteed_from, self.seen - self.protection.recent)
 
     # --- helpers ----------------------------------------------------------------------------------
     def _check_compatible(self, key_states: torch.Tensor) -> None:
@@ -455,18 +464,18 @@ class EvictionCache(Cache):
     ) -> None:
         register()
         config = model if isinstance(model, PretrainedConfig) else model.config
-        if isinstance(model, PreTrainedModel):
-            _switch_attention(model)
         text = config.get_text_config(decoder=True)
         _check_architecture(text)
-        if slack < 0:
-            raise ValueError(f"slack must be >= 0, got {slack}")
+        if isinstance(slack, bool) or not isinstance(slack, int) or slack < 0:
+            raise ValueError(f"slack must be an int >= 0, got {slack!r}")
         self.policy = resolve_policy(policy, config)
         if not self.policy.allocator.needs_budget and budget is not None:
             raise ValueError(f"{self.policy.allocator!r} sets the budget itself: pass budget=None")
         protection = Protection(sinks, recent)
         self.budget = None if budget is None else Budget(budget, floor=protection.total)
         self.slack = slack
+        if isinstance(model, PreTrainedModel):  # only once the arguments are known to be good
+            _switch_attention(model)
         layer_types = _layer_types(text)
         windows = [text.sliding_window if t == "sliding_attention" else None for t in layer_types]
         depths = (torch.tensor([w is None for w in windows]).cumsum(0) - 1).tolist()
@@ -535,19 +544,27 @@ class EvictionCache(Cache):
         self.modality.set(ids == image_token_id(self.config))
         return self
 
+    def _rows(self) -> int | None:
+        """Rows (sequences) the cache holds; ``None`` before its first forward pass."""
+        used = [layer for layer in self.layers if layer.is_initialized]
+        return used[0].real.shape[0] if used else None
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        self.modality.select_rows(beam_idx)
+        self.modality.select_rows(beam_idx, len(beam_idx))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        rows = self._rows()
         super().batch_repeat_interleave(repeats)
         if self.modality.image is not None:
-            rows = torch.arange(self.modality.image.shape[0]).repeat_interleave(repeats)
-            self.modality.select_rows(rows)
+            rows = rows or self.modality.image.shape[0]
+            self.modality.select_rows(torch.arange(rows).repeat_interleave(repeats), rows)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        rows = self._rows()
         super().batch_select_indices(indices)
-        self.modality.select_rows(torch.as_tensor(indices))
+        if self.modality.image is not None:
+            self.modality.select_rows(torch.as_tensor(indices), rows or self.modality.image.shape[0])
 
     def reset(self) -> None:
         """Empty the cache for another conversation; it forgets the image positions too."""
@@ -570,7 +587,8 @@ class EvictionCache(Cache):
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def stats(self) -> dict:
-        """Tokens seen, entries kept per layer and KV head, bytes held and evictions so far."""
+        """Tokens seen, entries kept per layer and KV head, bytes held, entries evicted so far and entries the
+        sliding layers' windows let go (``trimmed``)."""
         used = [layer for layer in self.layers if layer.is_initialized]
         return {
             "policy": str(self.policy),
@@ -581,6 +599,7 @@ class EvictionCache(Cache):
             "entries_total": sum(int(layer.kv.counts().sum()) for layer in used),
             "bytes": sum(layer.kv.nbytes() for layer in used),
             "evicted": sum(layer.evicted for layer in used),
+            "trimmed": sum(layer.trimmed for layer in used),
         }
 
 

@@ -35,18 +35,24 @@ class ModalityMap:
         """``[B, H, S]`` bool for slot positions ``[B, H, S]`` (empty slots are text)."""
         if self.image is None:
             return None
-        rows = positions.shape[0]
-        if self.image.shape[0] != rows:
-            if rows % self.image.shape[0]:
-                raise ValueError(f"the modality map has {self.image.shape[0]} rows but the cache holds {rows}")
-            # generate() expanded the batch (beams / several sequences per prompt) before prefill
-            self.image = self.image.repeat_interleave(rows // self.image.shape[0], dim=0)
+        self.fit_rows(positions.shape[0])
         image = self.image.to(positions.device)
         n = image.shape[1]
         inside = (positions >= 0) & (positions < n)
         rows = torch.arange(positions.shape[0], device=positions.device).view(-1, 1, 1)
         return inside & image[rows, positions.clamp(0, n - 1)]
 
-    def select_rows(self, index: torch.Tensor) -> None:
+    def fit_rows(self, rows: int) -> None:
+        """Repeat a map of ``B`` rows for a cache of ``rows = k B`` (``generate`` expanded the batch for
+        beams or several sequences per prompt before the prefill)."""
+        if self.image is None or self.image.shape[0] == rows:
+            return
+        if rows % self.image.shape[0]:
+            raise ValueError(f"the modality map has {self.image.shape[0]} rows but the cache holds {rows}")
+        self.image = self.image.repeat_interleave(rows // self.image.shape[0], dim=0)
+
+    def select_rows(self, index: torch.Tensor, rows: int) -> None:
+        """Keep the rows ``index`` of a cache holding ``rows`` rows (the map first fitted to them)."""
         if self.image is not None:
+            self.fit_rows(rows)
             self.image = self.image.index_select(0, index.to(self.image.device))

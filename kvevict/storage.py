@@ -86,17 +86,9 @@ class HeadwiseKV:
     def keys(self) -> torch.Tensor:
         return self.buffers["keys"][:, :, : self.length]
 
-    @keys.setter
-    def keys(self, value: torch.Tensor) -> None:  # offload / prefetch move the tensors
-        self._replace("keys", value)
-
     @property
     def values(self) -> torch.Tensor:
         return self.buffers["values"][:, :, : self.length]
-
-    @values.setter
-    def values(self, value: torch.Tensor) -> None:
-        self._replace("values", value)
 
     @property
     def positions(self) -> torch.Tensor:
@@ -197,10 +189,6 @@ class HeadwiseKV:
             grown[name] = t.new_empty(*t.shape[:2], capacity, *t.shape[3:])
             grown[name][:, :, : self.length] = t
         self._set(grown, self.length)
-
-    def _replace(self, name: str, value: torch.Tensor) -> None:
-        """Swap in a tensor of the used slots (moved elsewhere by offloading); the room to grow is dropped."""
-        self._set({**self._used(), name: value}, self.length)
 
 
 def additive_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

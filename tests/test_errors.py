@@ -23,12 +23,23 @@ from conftest import prompt, tiny_gemma3, tiny_llama
         (dict(policy="nowhere:streaming"), "unknown allocator 'nowhere'"),
         (dict(policy=3), "policy must be"),
         (dict(sinks=-1), "sinks and recent"),
+        (dict(sinks=2.5), "sinks and recent must be ints >= 0, got sinks=2.5"),
+        (dict(recent=True), "sinks and recent must be ints"),
         (dict(slack=-1), "slack"),
+        (dict(slack=8.0), "slack must be an int >= 0, got 8.0"),
     ],
 )
 def test_bad_arguments(llama, kw, match):
     with pytest.raises((ValueError, TypeError), match=match):
         EvictionCache(llama, **kw)
+
+
+def test_a_refused_cache_leaves_the_model_as_it_was():
+    model = tiny_llama()
+    before = model.config._attn_implementation
+    with pytest.raises(ValueError, match="unknown scorer"):
+        EvictionCache(model, "nope", budget=64)
+    assert model.config._attn_implementation == before != "kvevict"
 
 
 def test_model_without_attention_layers():

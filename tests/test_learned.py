@@ -383,8 +383,8 @@ def test_observed_attention_adds_to_the_learned_score(calibrated):
         assert inputs.queries.shape[2] == 8
         attention = SnapKV(8).score(inputs).clamp(min=1e-8)
         torch.testing.assert_close(weighted.score(inputs), alone.score(inputs) + 0.5 * attention.log())
-    for bad in (-0.5, True, "0.5"):
-        with pytest.raises(ValueError, match="attention_weight must be a number >= 0"):
+    for bad in (-0.5, True, "0.5", float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="attention_weight must be a finite number >= 0"):
             LearnedRetention(gates, attention_weight=bad)
     with pytest.raises(ValueError, match="evidence must be one of"):
         LearnedRetention(gates, attention_weight=0.5, evidence="tova")

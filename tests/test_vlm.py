@@ -107,6 +107,20 @@ def test_large_budget_matches_dynamic_cache(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_beam_search_before_any_scoring_keeps_the_image_map(name):
+    """Under the budget nothing is scored, so the map never met the beams' rows before the first reorder:
+    it is fitted to them there, and the beams decode as with transformers' cache."""
+    model, make_inputs = vlm(name)
+    inputs = make_inputs(1, 6, batch=2)  # 2 prompts x 2 beams: the first reorder reads rows 0 and 2
+    cache = EvictionCache(model, "dart", budget=512, **KW).prepare(inputs)
+    beams = dict(num_beams=2, max_new_tokens=6, do_sample=False)
+    out = model.generate(**inputs, **with_cache(model, cache), **beams)
+    reference = model.generate(**inputs, **with_cache(model, DynamicCache(config=model.config.get_text_config())),
+                               **beams)
+    assert torch.equal(out, reference) and cache.modality.image.shape[0] == 4
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_bytes_follow_the_budget(name):
     model, make_inputs = vlm(name)
     inputs = make_inputs(4, 8)

@@ -89,8 +89,9 @@ class LearnedRetention(Scorer):
         shows none); ``evidence`` (``"snapkv"`` or ``"h2o"``) is the attention estimate added at
         ``attention_weight``; ``window`` is SnapKV's query window; ``novelty`` the weight of KeyDiff's
         signal."""
-        if isinstance(attention_weight, bool) or not isinstance(attention_weight, (int, float)) or attention_weight < 0:
-            raise ValueError(f"attention_weight must be a number >= 0, got {attention_weight!r}")
+        if (isinstance(attention_weight, bool) or not isinstance(attention_weight, (int, float))
+                or not 0 <= attention_weight < math.inf):
+            raise ValueError(f"attention_weight must be a finite number >= 0, got {attention_weight!r}")
         lookahead = parse_lookahead(lookahead)
         check_novelty(novelty)
         if evidence not in EVIDENCE:
