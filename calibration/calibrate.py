@@ -31,7 +31,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from kvevict.calibrate import Recipe, calibrate, recheck  # noqa: E402
+from kvevict.calibrate import Recipe, calibrate, check_made_by, recheck  # noqa: E402
 from kvevict.data import CALIBRATION_DATA, calibration_text, validation_text  # noqa: E402
 from kvevict.fetch import default_cache_dir  # noqa: E402
 from kvevict.models import load_model  # noqa: E402
@@ -56,10 +56,18 @@ def main(argv: list[str] | None = None) -> None:
                    help="skip the allocator check after training (run it later with --recheck)")
     p.add_argument("--device", default="auto", help="'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'")
     p.add_argument("--checkpoint", type=Path, help="checkpoint folder (default <cache>/calibration/<model>)")
+    p.add_argument("--replace", action="store_true",
+                   help="overwrite a policy in --out that another recipe (or run length) made")
     args = p.parse_args(argv)
     recipe = Recipe.load(args.recipe)
     if args.steps is not None:
         recipe = Recipe(**{**recipe.__dict__, "steps": args.steps})
+    existing = args.out / f"{recipe.model}.json"
+    if existing.exists() and not (args.recheck or args.replace):
+        try:
+            check_made_by(existing, recipe)
+        except ValueError as e:
+            p.error(f"{e}: pass --replace to overwrite it, or --out elsewhere")
     device = pick_device(args.device)
     model, tok = load_model(recipe.model)
     model.to(device)

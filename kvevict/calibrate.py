@@ -341,15 +341,22 @@ def recheck(model: PreTrainedModel, card_path: Path, validation: list[int], reci
     on held-out token ids ``validation``, under ``recipe``'s check settings; rewrite the card. Refuses a card
     trained with other settings than ``recipe``'s."""
     gates, card = load_gates(model.config, card_path)
-    recorded = {k: v for k, v in card.metrics.get("recipe", {}).items() if k in Recipe.__dataclass_fields__}
-    made = Recipe(**{"model": recipe.model, **recorded})  # defaults for fields it predates
-    made_with, wanted = ({**_training_settings(r), "steps": r.steps} for r in (made, recipe))  # run as long, too
-    if made_with != wanted:
-        raise ValueError(f"{card_path} was calibrated with other settings ({made_with}) than this recipe ({wanted})")
+    check_made_by(card_path, recipe)
     card.metrics["recipe"] = asdict(recipe)
     check_on_held_out(model, gates, validation, recipe, card)
     card.write(card_path)
     return card_path
+
+
+def check_made_by(card_path: Path, recipe: Recipe) -> None:
+    """Refuse the card at ``card_path`` unless its gates were trained under ``recipe``'s training settings
+    and for as many steps (the check's settings may differ)."""
+    metrics = json.loads(Path(card_path).read_text()).get("metrics", {})
+    recorded = {k: v for k, v in metrics.get("recipe", {}).items() if k in Recipe.__dataclass_fields__}
+    made = Recipe(**{"model": recipe.model, **recorded})  # defaults for fields it predates
+    made_with, wanted = ({**_training_settings(r), "steps": r.steps} for r in (made, recipe))
+    if made_with != wanted:
+        raise ValueError(f"{card_path} was calibrated with other settings ({made_with}) than this recipe ({wanted})")
 
 
 def check_on_held_out(model: PreTrainedModel, gates: RetentionGates, validation: list[int], recipe: Recipe,

@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from kvevict import EvictionCache, Policy, with_cache
 from kvevict import cache as cache_module
 from kvevict import policy as policy_module
-from kvevict.calibrate import (SINKS, Recipe, SoftEviction, calibrate, capacity_loss, long_range_weights, recheck,
-                               windows)
-from kvevict.gates import Fingerprint, RetentionGates, load_gates
+from kvevict.calibrate import (SINKS, Recipe, SoftEviction, calibrate, capacity_loss, check_made_by, long_range_weights,
+                               recheck, windows)
+from kvevict.gates import POLICY_DIR, Fingerprint, RetentionGates, load_gates
 from kvevict.scoring.h2o import H2O
 from kvevict.scoring.keydiff import KeyDiff
 from kvevict.scoring.learned import LearnedRetention
@@ -312,6 +312,15 @@ def test_calibration_chooses_the_allocator_on_held_out_text(calibrated, tmp_path
             policy_module.resolve_policy(bad, model.config)
     with pytest.raises(ValueError, match="unknown scorer 'snapkv@512'"):
         policy_module.resolve_policy("snapkv@512", model.config)
+
+
+def test_shipped_cards_were_made_by_their_recipes():
+    """What lets `kvevict calibrate` rerun a shipped recipe into policies/, and refuse another recipe there."""
+    recipes = POLICY_DIR.parent / "calibration" / "recipes"
+    for model, other in (("smollm2-135m", "smollm2-135m-recall"), ("gemma3-270m", "gemma3-270m-regression")):
+        check_made_by(POLICY_DIR / f"{model}.json", Recipe.load(recipes / f"{model}.json"))
+        with pytest.raises(ValueError, match="other settings"):
+            check_made_by(POLICY_DIR / f"{model}.json", Recipe.load(recipes / f"{other}.json"))
 
 
 def test_recheck_rechooses_the_allocator_of_calibrated_gates(calibrated, tmp_path, bench_script):
