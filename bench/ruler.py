@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script, 
 from kvpress_side import run_presses  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+LEGACY_SETTINGS = {"max_new_tokens": 32, "chunk": 512}  # of the records written before they named their settings
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -59,8 +60,14 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     log = args.out / f"ruler_{args.model}.jsonl"
     done = set()
+    settings = {"max_new_tokens": args.max_new_tokens, "chunk": args.chunk}
     if log.exists():
-        done = {tuple(r["key"]) for r in map(json.loads, log.read_text().splitlines())}
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        made = {tuple({**LEGACY_SETTINGS, **{k: r[k] for k in settings if k in r}}.items()) for r in records}
+        if made - {tuple(settings.items())}:
+            p.error(f"{log} holds runs made with other settings ({', '.join(map(str, map(dict, made)))}) than "
+                    f"these ({settings}): pass those, or --out elsewhere")
+        done = {tuple(r["key"]) for r in records}
     model, tok = load_model(args.model)
     try:
         check_policy_names(args.policies, model.config)
@@ -85,9 +92,9 @@ def main(argv: list[str] | None = None) -> None:
                      else EvictionCache(model, policy, budget=budget))
             start = time.perf_counter()
             result = answer(model, tok, prompt(length, task, seed), cache, args.chunk, args.max_new_tokens)
-            out.write(json.dumps(row(key, prompt(length, task, seed), result.text, result.prefill_s,
-                                     result.kv_bytes, result.decode_ms, result.peak_rss_mb,
-                                     time.perf_counter() - start)) + "\n")
+            out.write(json.dumps({**row(key, prompt(length, task, seed), result.text, result.prefill_s,
+                                        result.kv_bytes, result.decode_ms, result.peak_rss_mb,
+                                        time.perf_counter() - start), **settings}) + "\n")
             out.flush()
         for length in args.lengths:  # kvpress side by side, on the same prompts
             for press in tqdm(args.presses, desc=f"kvpress {args.model} {length}"):
@@ -107,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
                         else:
                             record = row(key, prompt(length, task, seed), a["text"], a["prefill_s"], a["kv_bytes"],
                                          a["decode_ms"], a["peak_rss_mb"], a["seconds"])
-                        out.write(json.dumps(record) + "\n")
+                        out.write(json.dumps({**record, **settings}) + "\n")
                 out.flush()
     summarize(log, args.model)
 

@@ -5,7 +5,8 @@ frequent word extraction), QA over shuffled documents (Quoref passages standing 
 SQuAD / HotpotQA) and a real-text task (who speaks a given line of a Shakespeare play held out from
 calibration). Every prompt is a :class:`~kvevict.evaluate.Prompt`: a context of exactly
 ``length`` tokens (chat frame included) that a cache may compress, then the question and an answer
-prefix. Scoring is RULER's: case-insensitive substring match of the references.
+prefix. Scoring: the fraction of the references found in the answer (case-insensitive substring
+match, RULER's rule for needles; RULER's QA counts one reference found as right).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def _keys(rng: random.Random, n: int) -> list[str]:
     keys: set[str] = set()
     while len(keys) < n:
         keys.add(f"{rng.choice(adjectives)}-{rng.choice(nouns)}")
-    return sorted(keys, key=lambda _: rng.random())
+    return sorted(sorted(keys), key=lambda _: rng.random())  # from a sorted list: the same order in every process
 
 
 def _value(rng: random.Random) -> str:

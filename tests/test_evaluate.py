@@ -127,6 +127,18 @@ def test_ruler_summary_lands_beside_its_log(bench_script, tmp_path):
     assert sorted(p.name for p in ruler.RESULTS.iterdir()) == results  # --out elsewhere leaves bench/results alone
 
 
+def test_ruler_log_refuses_runs_under_other_settings(bench_script, tmp_path, capsys):
+    """A log's finished runs are skipped by key, so a rerun with another answer length or chunk would
+    silently keep their rows: refused (records before the settings were written count as 32 / 512)."""
+    ruler = bench_script("ruler")
+    legacy = {**ruler.identity(["m", 8, "a", "full", None, 0]), "score": 1.0}
+    (tmp_path / "ruler_m.jsonl").write_text(json.dumps(legacy) + "\n")
+    for argv in (["--max-new-tokens", "64"], ["--chunk", "256"]):
+        with pytest.raises(SystemExit):
+            ruler.main(["--model", "m", "--out", str(tmp_path), *argv])
+        assert "other settings ({'max_new_tokens': 32, 'chunk': 512})" in capsys.readouterr().err
+
+
 def test_hardware_names_the_machine_a_run_ran_on(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 7)
     assert hardware("cpu", 3) == "7-core CPU (3 threads)"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -70,3 +73,12 @@ def test_qa_hides_the_answering_passage_once_among_distractors(tok):
 def test_lengths_a_task_cannot_build_are_refused(tok, name, length, message):
     with pytest.raises(ValueError, match=message):
         TASKS[name].build(tok, length, seed=0)
+
+
+def test_keys_are_the_same_in_every_process():
+    """Needle keys come from a set: their order must not follow the process's string hashing, or a resumed
+    run (or kvpress's side, added later) would build other prompts for the same seed."""
+    code = "import random; from kvevict.tasks import _keys; print(_keys(random.Random(0), 6))"
+    outputs = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": str(h)},
+                              capture_output=True, text=True, check=True).stdout for h in (1, 2)}
+    assert len(outputs) == 1 and outputs.pop().count("-") == 6
