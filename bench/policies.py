@@ -28,8 +28,9 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from kvevict import EvictionCache
-from kvevict.evaluate import (answer, check_policy_names, continuation_logits, fidelity, load_policy_table, policy_row,
-                              policy_workload, save_policy_rows, score_answer, table_settings, workload_arguments)
+from kvevict.evaluate import (answer, check_cards, check_policy_names, continuation_logits, fidelity, load_policy_table,
+                              policy_cards, policy_row, policy_workload, save_policy_rows, score_answer, table_settings,
+                              workload_arguments)
 from kvevict.machine import hardware
 from kvevict.models import load_model
 
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     model, tok = load_model(args.model)
     try:
         check_policy_names(args.policies, model.config)
+        cards = policy_cards(args.policies, model.config)
+        check_cards(rows, cards, stem.with_suffix(".json"))
     except ValueError as e:
         p.error(str(e))
     work = policy_workload(tok, args.length, args.continuation, args.documents, args.depths)
@@ -71,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
 
         fid = [fidelity(model, d, prefix, make_cache, ref, args.chunk) for d, ref in zip(docs, references)]
         hits = [score_answer(answer(model, tok, p, make_cache(), args.chunk).text, p.answers) for p in needles]
-        row = {**policy_row(args.model, args.length, policy, budget, [asdict(f) for f in fid], hits), **settings}
+        row = {**policy_row(args.model, args.length, policy, budget, [asdict(f) for f in fid], hits), **settings,
+               **({"card": cards[policy]} if policy in cards else {})}
         tqdm.write(json.dumps(row))
         rows = save_policy_rows(stem.with_suffix(".json"), rows, [row])  # replaces a row on fewer documents
     minutes = (time.perf_counter() - started) / 60

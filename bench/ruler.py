@@ -31,7 +31,8 @@ from tqdm import tqdm  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 from kvevict import EvictionCache  # noqa: E402
-from kvevict.evaluate import Prompt, answer, at_least, check_policy_names, score_answer  # noqa: E402
+from kvevict.evaluate import (Prompt, answer, at_least, check_cards, check_policy_names, policy_cards,  # noqa: E402
+                              score_answer)
 from kvevict.machine import hardware  # noqa: E402
 from kvevict.models import load_model  # noqa: E402
 from kvevict.tasks import TASKS  # noqa: E402
@@ -59,18 +60,18 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     log = args.out / f"ruler_{args.model}.jsonl"
-    done = set()
     settings = {"max_new_tokens": args.max_new_tokens, "chunk": args.chunk}
-    if log.exists():
-        records = [json.loads(line) for line in log.read_text().splitlines()]
-        made = {tuple({**LEGACY_SETTINGS, **{k: r[k] for k in settings if k in r}}.items()) for r in records}
-        if made - {tuple(settings.items())}:
-            p.error(f"{log} holds runs made with other settings ({', '.join(map(str, map(dict, made)))}) than "
-                    f"these ({settings}): pass those, or --out elsewhere")
-        done = {tuple(r["key"]) for r in records}
+    records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    made = {tuple({**LEGACY_SETTINGS, **{k: r[k] for k in settings if k in r}}.items()) for r in records}
+    if made - {tuple(settings.items())}:
+        p.error(f"{log} holds runs made with other settings ({', '.join(map(str, map(dict, made)))}) than "
+                f"these ({settings}): pass those, or --out elsewhere")
+    done = {tuple(r["key"]) for r in records}
     model, tok = load_model(args.model)
     try:
         check_policy_names(args.policies, model.config)
+        cards = policy_cards(args.policies, model.config)
+        check_cards(records, cards, log)
     except ValueError as e:
         p.error(str(e))
     runs = [(length, task, policy, budget, seed)
@@ -94,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
             result = answer(model, tok, prompt(length, task, seed), cache, args.chunk, args.max_new_tokens)
             out.write(json.dumps({**row(key, prompt(length, task, seed), result.text, result.prefill_s,
                                         result.kv_bytes, result.decode_ms, result.peak_rss_mb,
-                                        time.perf_counter() - start), **settings}) + "\n")
+                                        time.perf_counter() - start), **settings,
+                                   **({"card": cards[policy]} if policy in cards else {})}) + "\n")
             out.flush()
         for length in args.lengths:  # kvpress side by side, on the same prompts
             for press in tqdm(args.presses, desc=f"kvpress {args.model} {length}"):

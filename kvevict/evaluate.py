@@ -8,10 +8,11 @@ question while it decides what to keep.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -21,8 +22,10 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from .cache import EvictionCache
 from .compat import with_cache
 from .data import essays_text
+from .gates import load_gates
 from .policy import resolve_policy
 from .rss import peak_rss_mb, reset_peak_rss
+from .scoring.learned import LearnedRetention
 
 PLACEHOLDER = "@@CONTENT@@"
 
@@ -178,6 +181,27 @@ def check_policy_names(names: list[str], config) -> None:
     for name in names:
         if name != "full":
             resolve_policy(name, config)
+
+
+def policy_cards(names: list[str], config) -> dict[str, str]:
+    """For each learned policy name, a digest of the calibrated gates and card it loads (by name they
+    come from ``$KVEVICT_POLICIES`` or ``policies/``, so the same name may mean other gates later)."""
+    if not any(LearnedRetention.name in name for name in names):
+        return {}
+    gates, card = load_gates(config)
+    digest = hashlib.sha256(json.dumps(asdict(card), sort_keys=True, default=str).encode())
+    for _, weights in sorted(gates.state_dict().items()):
+        digest.update(weights.detach().cpu().numpy().tobytes())
+    return {name: digest.hexdigest()[:12] for name in names if LearnedRetention.name in name}
+
+
+def check_cards(rows: list[dict], cards: dict[str, str], where: Path) -> None:
+    """Refuse results in ``where`` measured for a policy name with other gates than it loads now
+    (``cards``: :func:`policy_cards`); rows written before they named their gates are taken as they are."""
+    for r in rows:
+        if r.get("card") not in (None, cards.get(r["policy"], r.get("card"))):
+            raise ValueError(f"{where} holds {r['policy']!r} rows measured with other calibrated gates (card "
+                             f"{r['card']}, now {cards[r['policy']]}): rename those rows, or write elsewhere (--out)")
 
 
 def workload_arguments(parser: argparse.ArgumentParser) -> None:

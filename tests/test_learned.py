@@ -16,6 +16,7 @@ from kvevict import cache as cache_module
 from kvevict import policy as policy_module
 from kvevict.calibrate import (SINKS, Recipe, SoftEviction, calibrate, capacity_loss, check_made_by, long_range_weights,
                                recheck, windows)
+from kvevict.evaluate import check_cards, policy_cards
 from kvevict.gates import POLICY_DIR, Fingerprint, RetentionGates, load_gates
 from kvevict.scoring.h2o import H2O
 from kvevict.scoring.keydiff import KeyDiff
@@ -490,6 +491,26 @@ def test_policy_for_another_model_is_refused(calibrated):
     _, card, _ = calibrated
     with pytest.raises(ValueError, match="calibrated for"):
         load_gates(tiny_gemma3().config, card)
+
+
+def test_benchmark_rows_name_the_gates_they_measured(calibrated, tmp_path, monkeypatch):
+    """A learned row is skipped on a rerun by its name, which may load other gates by then: refused."""
+    model, card, _ = calibrated
+    monkeypatch.setenv("KVEVICT_POLICIES", str(card.parent))
+    cards = policy_cards(["full", "streaming", "learned", "pyramid:learned@64"], model.config)
+    assert set(cards) == {"learned", "pyramid:learned@64"} and len(set(cards.values())) == 1
+    rows = [{"policy": "learned", "card": cards["learned"]}, {"policy": "streaming"}, {"policy": "learned"}]
+    check_cards(rows, cards, tmp_path)  # the same gates (a row from before rows named them: taken as it is)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / card.name).write_text(json.dumps({**json.loads(card.read_text()), "allocator": "uniform"}))
+    shutil.copy(card.with_suffix(".safetensors"), other / card.with_suffix(".safetensors").name)
+    monkeypatch.setenv("KVEVICT_POLICIES", str(other))
+    now = policy_cards(["learned"], model.config)
+    assert now["learned"] != cards["learned"]
+    with pytest.raises(ValueError, match="holds 'learned' rows measured with other calibrated gates"):
+        check_cards(rows, now, tmp_path)
+    check_cards(rows, {}, tmp_path)  # learned not measured in this run: its rows stand
 
 
 def test_learned_name_without_a_shipped_policy():
