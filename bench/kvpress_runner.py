@@ -134,10 +134,12 @@ def positions(start: int, n: int) -> torch.Tensor:
 @torch.inference_mode()
 def greedy(model, cache, ids: torch.Tensor, seen: int, new_tokens: int, eos: set[int]) -> tuple[list[int], float]:
     """Greedy answer after the question ``ids``; returns the tokens (up to an end token, excluded) and
-    ms per generated token, question prefill included (as kvevict's ``answer``)."""
+    ms per forward pass, question prefill included (as kvevict's ``answer``, whose count of generated
+    tokens includes the end token: one per forward pass)."""
     start = time.perf_counter()
     out = []
     logits = extend(model, cache, ids, seen, logits_to_keep=1).logits
+    passes = 1
     seen += ids.shape[1]
     for step in range(new_tokens):
         token = logits[:, -1:].argmax(-1)
@@ -146,8 +148,9 @@ def greedy(model, cache, ids: torch.Tensor, seen: int, new_tokens: int, eos: set
         out.append(int(token))
         if step + 1 < new_tokens:
             logits = extend(model, cache, token, seen).logits
+            passes += 1
             seen += 1
-    return out, 1000 * (time.perf_counter() - start) / max(len(out), 1)
+    return out, 1000 * (time.perf_counter() - start) / passes
 
 
 @torch.inference_mode()

@@ -290,7 +290,7 @@ def answer(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt: Prompt,
     out = model.generate(ids, attention_mask=torch.ones_like(ids), **with_cache(model, cache), do_sample=False,
                          max_new_tokens=max_new_tokens, pad_token_id=pad)
     new = out[0, ids.shape[1]:]
-    decode_ms = 1000 * (time.perf_counter() - start) / max(len(new), 1)
+    decode_ms = 1000 * (time.perf_counter() - start) / max(len(new), 1)  # a forward pass per token, an end token too
     return Answer(tok.decode(new, skip_special_tokens=True), seconds, held, decode_ms, peak_rss_mb())
 
 

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -237,3 +238,22 @@ def test_kvpress_runner_continues_a_hybrid_model_with_one_mask_per_layer_type(ge
         steps = torch.cat([runner.extend(gemma, cache, ids[:, i:i + 1], i).logits for i in range(30, 40)], 1)
     torch.testing.assert_close(block, steps)  # causal in every layer type: no query sees a later token
     assert not torch.allclose(block, whole)  # the eviction is seen
+
+
+def test_kvpress_answers_time_each_forward_pass_as_kvevicts_do(bench_script, monkeypatch):
+    """kvevict's ms/token counts the end token (a forward pass made it); kvpress's side counts passes too."""
+    runner = bench_script("kvpress_runner")
+    chosen = iter([5, 6, 2])  # the question's pass, two decode passes; the third pass's token is the end token
+    calls = []
+
+    def extend(model, cache, ids, seen, logits_to_keep=0):
+        calls.append(ids.shape[1])
+        logits = torch.zeros(1, ids.shape[1], 8)
+        logits[0, -1, next(chosen)] = 1.0
+        return type("Out", (), {"logits": logits})
+
+    monkeypatch.setattr(runner, "extend", extend)
+    clock = iter([0.0, 3.0])
+    monkeypatch.setattr(runner, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    tokens, ms = runner.greedy(None, None, torch.zeros(1, 4, dtype=torch.long), 10, 16, {2})
+    assert tokens == [5, 6] and calls == [4, 1, 1] and ms == pytest.approx(1000.0)
