@@ -91,7 +91,8 @@ def table(rows: list[dict], args: argparse.Namespace, minutes: float) -> str:
         f"# Policies on {args.model}, {args.length}-token contexts (query-agnostic)",
         "",
         f"Fidelity: essay windows (docs: how many), last {args.continuation} tokens of each scored; needle: "
-        f"{len(args.depths)} depths ({', '.join(map(str, args.depths))}); prefill in {args.chunk}-token chunks; "
+        f"{len(args.depths)} depths ({', '.join(map(str, args.depths))}); prefill in {args.chunk}-token chunks "
+        "('vs full': against the full cache's, '-' for a row prefilled otherwise, such as kvpress's one pass); "
         f"{hardware(threads=args.threads)}; the last run took {minutes:.1f} min (rows it did not measure come "
         "from earlier runs).",
         "",
@@ -102,9 +103,17 @@ def table(rows: list[dict], args: argparse.Namespace, minutes: float) -> str:
         budget = "-" if r["budget"] is None else f"{r['budget']:.0%}"
         lines.append(
             f"| {r['policy']} | {budget} | {r.get('documents', 1)} | {r['nll_increase']:+.3f} | {r['top1_agreement']:.3f} | {r['kl']:.3f} | "
-            f"{r['needle']:.2f} | {r['prefill_s']:.2f} | {r['prefill_s'] / full['prefill_s']:.2f}x | {r['kv_mb']:.1f} |"
+            f"{r['needle']:.2f} | {r['prefill_s']:.2f} | {overhead(r, full)} | {r['kv_mb']:.1f} |"
         )
     return "\n".join(lines + paired(rows)) + "\n"
+
+
+def overhead(row: dict, full: dict) -> str:
+    """``row``'s prefill time over the full cache's, or ``-`` when they were prefilled otherwise (kvpress's
+    rows: one pass, no chunks) and the ratio would mostly measure that."""
+    if row.get("chunk") != full.get("chunk"):
+        return "-"
+    return f"{row['prefill_s'] / full['prefill_s']:.2f}x"
 
 
 PAIRED = (("nll_increase", "NLL increase", -1), ("top1_agreement", "top-1 agree", 1), ("kl", "KL", -1))
