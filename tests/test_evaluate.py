@@ -257,3 +257,10 @@ def test_kvpress_answers_time_each_forward_pass_as_kvevicts_do(bench_script, mon
     monkeypatch.setattr(runner, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
     tokens, ms = runner.greedy(None, None, torch.zeros(1, 4, dtype=torch.long), 10, 16, {2})
     assert tokens == [5, 6] and calls == [4, 1, 1] and ms == pytest.approx(1000.0)
+
+
+def test_prefill_overhead_only_against_a_full_cache_prefilled_alike(bench_script):
+    overhead = bench_script("policies").overhead
+    full = {"prefill_s": 10.0, "chunk": 512}
+    assert overhead({"prefill_s": 12.5, "chunk": 512}, full) == "1.25x"
+    assert overhead({"prefill_s": 5.0}, full) == "-"  # kvpress's one-pass prefill records no chunk
