@@ -1,7 +1,9 @@
 """CriticalKV (Feng et al., 2025) reweighting: a score times the entry's output-projected value norm.
 
 ``||W_o v||`` measures how much an entry can move the layer's output; multiplying any scorer's
-(non-negative) score by it favours entries that both draw attention and matter when they do.
+(non-negative) score by it favours entries that both draw attention and matter when they do. One
+stage: the paper (and kvpress's CriticalKVPress) first keeps half the budget by the plain score and
+reweights only the rest, with the L1 norm of ``v W_o``.
 """
 
 from __future__ import annotations

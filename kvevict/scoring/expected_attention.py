@@ -4,7 +4,9 @@ Future queries are modelled as Gaussian with the mean ``mu`` and covariance ``Si
 query window; the expected logit of key ``k`` is ``k.mu * s + s^2 k^T Sigma k / 2`` (``s`` the
 softmax scale), softmaxed over the entries and weighted by ``||v||``. Simplification: the window's
 queries are taken after RoPE at their own positions (transformers' attention interface does not
-expose pre-RoPE queries), so the rotation to future positions is not modelled.
+expose pre-RoPE queries), so the rotation to future positions is not modelled, and the window's own
+rotation shows up as variance (mostly in the fastest-turning dimensions): ``Sigma`` is not 0 even for
+one query repeated at every position.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""KeyDiff (Park et al., 2025): keep the keys least similar to the head's mean key."""
+"""KeyDiff (Park et al., 2025): keep the keys least similar to the head's mean key.
+
+The anchor is the mean of the raw keys (the paper averages unit-norm keys, so large keys weigh no
+more than others there); the learned policy's key-novelty term reuses this score as calibrated.
+"""
 
 from __future__ import annotations
 
