@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PretrainedConfig
 
-from .selection import ALLOCATORS
+from .selection import make_allocator
 
 POLICY_DIR = Path(__file__).resolve().parent.parent / "policies"
 POLICY_PATH_ENV = "KVEVICT_POLICIES"  # folders (os.pathsep-separated) searched for a card before POLICY_DIR
@@ -157,7 +157,7 @@ def load_gates(config: PretrainedConfig, path: str | Path | None = None) -> tupl
                          "or pass the path of a policy's card")
     for folder in folders:
         cards = {p: _read_card(p) for p in sorted(folder.glob("*.json"))}
-        found = [p for p, raw in cards.items() if isinstance(raw, dict) and "fingerprint" in raw and _fingerprint(raw) == want]
+        found = [p for p, raw in cards.items() if _is_card(raw) and _fingerprint(raw) == want]
         if len(found) > 1:
             raise ValueError(f"several cards in {folder} match this model ({', '.join(p.name for p in found)}); "
                              "keep one there, or pass the path of the card to use")
@@ -175,6 +175,11 @@ def _read_card(card_path: Path) -> dict:
         raise ValueError(f"{card_path} is not valid JSON ({e})") from None
 
 
+def _is_card(raw: object) -> bool:
+    """Whether JSON ``raw`` is a policy card (other JSON files may share a folder with cards)."""
+    return isinstance(raw, dict) and "fingerprint" in raw
+
+
 def _fingerprint(raw: dict) -> Fingerprint:
     """The fingerprint recorded in a card's JSON ``raw``."""
     return Fingerprint(**{**raw["fingerprint"], "full_layers": tuple(raw["fingerprint"]["full_layers"])})
@@ -182,7 +187,7 @@ def _fingerprint(raw: dict) -> Fingerprint:
 
 def _load(card_path: Path, raw: dict, want: Fingerprint) -> tuple[RetentionGates, Card]:
     """The gates of the card ``raw`` read from ``card_path``, refused unless calibrated for ``want``."""
-    if not isinstance(raw, dict) or "fingerprint" not in raw:
+    if not _is_card(raw):
         raise ValueError(f"{card_path} is not a policy card (it has no fingerprint)")
     fp = _fingerprint(raw)
     if fp != want:
@@ -191,8 +196,10 @@ def _load(card_path: Path, raw: dict, want: Fingerprint) -> tuple[RetentionGates
         card = Card(**{**raw, "fingerprint": fp})
     except TypeError as e:  # a field missing or unknown
         raise ValueError(f"{card_path} is not a valid policy card: {e}") from None
-    if card.allocator not in ALLOCATORS:
-        raise ValueError(f"{card_path} names an unknown allocator {card.allocator!r}; known: {sorted(ALLOCATORS)}")
+    try:
+        make_allocator(card.allocator)
+    except ValueError as e:
+        raise ValueError(f"{card_path} names an {e}") from None  # "unknown allocator ..."
     gates = RetentionGates(fp, width=card.width)
     gates.load_state_dict(load_file(card_path.with_suffix(".safetensors")))  # float16 -> float32 params
     return gates.eval(), card
