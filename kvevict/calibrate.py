@@ -18,7 +18,9 @@ near its end, so that keeping out-of-place text a later token copies counts in t
 model copies the repeat; the gated one can only if the first copy survived). Checkpoints (gates and
 AdamW's state as safetensors, the loss history and the training settings as JSON) make runs
 resumable: a resumed run continues with the same data order and optimizer state, so it ends where an
-uninterrupted run would.
+uninterrupted run would. The loss is computed from the last hidden states, the output head a slice of
+tokens at a time, and large attention weights are recomputed in the backward pass, so that memory
+grows with the window, not with the window times the vocabulary.
 Given held-out text, a run ends by choosing the policy's default allocator on it (:mod:`.validation`);
 :func:`recheck` runs that check again for gates calibrated before.
 """
@@ -29,10 +31,13 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -53,6 +58,7 @@ SCHEDULES = ("constant", "cosine")
 METHODS = ("distillation", "regression")  # end-to-end soft eviction, or a fit to regression targets (kvevict.regression)
 SINKS = 4  # first tokens the local teacher of the long-range weights still sees
 MIN_VALIDATE_LEN = 256  # held-out windows shorter than this leave no budget above the protected entries
+KEPT_ELEMENTS = 2**26  # the most logits the loss holds at once; larger attention weights are recomputed in backward
 
 
 @dataclass(frozen=True)
@@ -179,22 +185,17 @@ class SoftEviction:
             self.log_beta[module.layer_idx] = self.gates(attention_input(args, kwargs), module.layer_idx)
 
     def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        """Causal (or sliding-window) attention over an unpadded batch, plus the decay bias."""
+        """Causal (or sliding-window) attention over an unpadded batch, plus the decay bias. Under autograd,
+        ``[T, T]`` weights of more than ``KEPT_ELEMENTS`` are recomputed in the backward pass instead of kept."""
         refuse_unsupported(kwargs, "calibration's soft eviction")
-        b, hq, t, d = query.shape
-        h = key.shape[1]
-        logits = torch.einsum("bhgqd,bhkd->bhgqk", query.view(b, h, hq // h, t, d), key) * scaling
-        age = torch.arange(t, device=query.device)[:, None] - torch.arange(t, device=query.device)[None, :]
-        allowed = age >= 0
-        window = getattr(module, "sliding_window", None)
-        if window:
-            allowed &= age < window
-        if self.local and not self.active:
-            allowed &= (age < self.local) | (torch.arange(t, device=query.device) < SINKS)[None, :]
-        if self.active and module.layer_idx in self.log_beta:
-            logits = logits + age.clamp(min=0) * self.log_beta[module.layer_idx][:, :, None, None, :]
-        probs = logits.masked_fill(~allowed, -torch.inf).softmax(-1)
-        out = torch.einsum("bhgqk,bhkd->bhgqd", probs, value).reshape(b, hq, t, -1)
+        log_beta = self.log_beta.get(module.layer_idx) if self.active else None
+        local = self.local if not self.active else None
+        attend = partial(soft_attention, scaling=scaling, window=getattr(module, "sliding_window", None), local=local)
+        b, hq, t, _ = query.shape
+        if torch.is_grad_enabled() and (query.requires_grad or log_beta is not None) and b * hq * t * t > KEPT_ELEMENTS:
+            out = _recomputed(attend, query, key, value, log_beta)
+        else:
+            out = attend(query, key, value, log_beta)
         return out.transpose(1, 2).contiguous(), None
 
     def close(self) -> None:
@@ -203,22 +204,115 @@ class SoftEviction:
         self.model.set_attn_implementation(self.previous)
 
 
+def soft_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, log_beta: torch.Tensor | None,
+                   scaling: float, window: int | None = None, local: int | None = None) -> torch.Tensor:
+    """Causal attention ``[B, Hq, T, d]`` of ``query`` ``[B, Hq, T, d]`` over ``key``/``value`` ``[B, H, T, d]``,
+    within a sliding ``window``, or within the last ``local`` tokens and the first ``SINKS``; with the decay bias
+    ``(t - i) log beta_i`` from ``log_beta`` ``[B, H, T]``."""
+    b, hq, t, d = query.shape
+    h = key.shape[1]
+    logits = torch.einsum("bhgqd,bhkd->bhgqk", query.view(b, h, hq // h, t, d), key) * scaling
+    age = _ages(t, query.device)
+    allowed = age >= 0
+    if window:
+        allowed &= age < window
+    if local:
+        allowed &= (age < local) | (torch.arange(t, device=query.device) < SINKS)[None, :]
+    if log_beta is not None:
+        logits = logits + age.clamp(min=0) * log_beta[:, :, None, None, :]
+    probs = logits.masked_fill(~allowed, -torch.inf).softmax(-1)
+    return torch.einsum("bhgqk,bhkd->bhgqd", probs, value).reshape(b, hq, t, -1)
+
+
+def _recomputed(fn: Callable[..., torch.Tensor], *args: torch.Tensor | None) -> torch.Tensor:
+    """``fn(*args)``, its intermediate tensors recomputed in the backward pass instead of kept."""
+    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+
+
+def _ages(t: int, device: torch.device) -> torch.Tensor:
+    """``[T, T]`` query position minus key position (negative above the diagonal)."""
+    return torch.arange(t, device=device)[:, None] - torch.arange(t, device=device)[None, :]
+
+
+def _live(log_beta: torch.Tensor) -> torch.Tensor:
+    """``[B, T]``: the soft count of live entries ``sum_{h, j <= t} beta_j^(t-j)`` of one layer's ``[B, H, T]``."""
+    age = _ages(log_beta.shape[-1], log_beta.device)
+    return torch.exp(age.clamp(min=0) * log_beta[:, :, None, :]).masked_fill(age < 0, 0).sum((1, 3))
+
+
 def capacity_loss(log_betas: list[torch.Tensor], budget: int) -> torch.Tensor:
-    """Hinge on the soft count of live entries. ``log_betas``: per layer ``[B, H, T]``."""
+    """Hinge on the soft count of live entries. ``log_betas``: per layer ``[B, H, T]`` (each layer's
+    ``[T, T]`` decays, beyond ``KEPT_ELEMENTS``, recomputed in the backward pass instead of kept)."""
     b, h, t = log_betas[0].shape
-    age = (torch.arange(t)[:, None] - torch.arange(t)[None, :]).to(log_betas[0].device)
-    live = sum(
-        torch.exp(age.clamp(min=0) * lb[:, :, None, :]).masked_fill(age < 0, 0).sum((1, 3)) for lb in log_betas
-    )  # [B, T]: sum over layers, heads and entries j <= t
+    lean = log_betas[0].requires_grad and b * h * t * t > KEPT_ELEMENTS
+    live = sum(_recomputed(_live, lb) if lean else _live(lb) for lb in log_betas)
     slots = len(log_betas) * h
     full = slots * torch.arange(1, t + 1, device=live.device)
     room = (full - slots * budget).clamp(min=1)
     return torch.relu((live - slots * budget) / room).mean()
 
 
-def log_probs(model: PreTrainedModel, batch: torch.Tensor) -> torch.Tensor:
-    """The model's next-token log-probabilities ``[B, T, V]`` (float32) for token ids ``[B, T]``."""
-    return model(batch).logits.float().log_softmax(-1)
+def final_hidden(model: PreTrainedModel, batch: torch.Tensor) -> torch.Tensor:
+    """The model's last hidden states ``[B, T, D]`` (what its output head reads) for token ids ``[B, T]``."""
+    return model.base_model(batch, use_cache=False).last_hidden_state
+
+
+def head_log_probs(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities ``[B, t, V]`` (float32) from last hidden states ``[B, t, D]``: the output
+    head, then the final logit soft-capping of models that have it (Gemma 2)."""
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits.float().log_softmax(-1)
+
+
+def check_head(model: PreTrainedModel, ids: torch.Tensor) -> None:
+    """Refuse a model whose logits are not :func:`head_log_probs` of :func:`final_hidden` (some scale or
+    cap them otherwise): the loss computed from hidden states would silently be another model's."""
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits.float().log_softmax(-1)
+        got = head_log_probs(model, final_hidden(model, ids))
+    if not torch.allclose(got, expected, rtol=1e-3, atol=1e-3):
+        raise ValueError(f"calibration computes {type(model).__name__}'s logits from its last hidden states and its "
+                         f"output head, and they differ from the model's own (by up to "
+                         f"{(got - expected).abs().max().item():.3g}): this architecture is not supported")
+
+
+class _HeadKL(torch.autograd.Function):
+    """Per-token KL of two sets of last hidden states' next-token distributions, a slice of tokens at a time.
+    Token ``t``'s KL depends on the student's state ``t`` alone, so its gradient ``[D]`` is taken with the
+    slice's logits and kept; the backward pass scales it by the incoming gradient (no logits kept or
+    recomputed)."""
+
+    @staticmethod
+    def forward(ctx, model: PreTrainedModel, teacher: torch.Tensor, student: torch.Tensor, step: int,
+                wants_grad: bool) -> torch.Tensor:
+        parts, grads = [], []
+        for s in range(0, student.shape[1], step):
+            with torch.enable_grad():
+                h = student[:, s : s + step].detach().requires_grad_(wants_grad)
+                kl = token_kl(head_log_probs(model, teacher[:, s : s + step]), head_log_probs(model, h))
+                if wants_grad:
+                    grads.append(torch.autograd.grad(kl.sum(), h)[0])
+            parts.append(kl.detach())
+        if grads:
+            ctx.save_for_backward(torch.cat(grads, dim=1))
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:
+        (jacobian,) = ctx.saved_tensors
+        return None, None, grad[..., None].to(jacobian) * jacobian, None, None
+
+
+def hidden_kl(model: PreTrainedModel, teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """Per-token ``KL(teacher || student)`` ``[B, T]`` (float32) of the next-token distributions that last hidden
+    states ``[B, T, D]`` give, with at most ``KEPT_ELEMENTS`` logits at once: the memory of a large vocabulary
+    (Gemma 3's 262k) stays that of a slice of tokens."""
+    b, t, _ = student.shape
+    step = max(1, KEPT_ELEMENTS // (b * model.get_output_embeddings().weight.shape[0]))
+    return _HeadKL.apply(model, teacher, student, step, torch.is_grad_enabled() and student.requires_grad)
 
 
 def long_range_weights(reach: torch.Tensor, strength: float) -> torch.Tensor:
@@ -270,21 +364,21 @@ def calibrate(model: PreTrainedModel, ids: list[int], recipe: Recipe, out: Path,
     soft = SoftEviction(model, gates)
     start = time.perf_counter() - sum(h["seconds"] for h in history[-1:])
     try:
+        check_head(model, torch.tensor([ids[: min(64, recipe.seq_len)]], device=device))  # under soft.active False
         for step in tqdm(range(len(history), recipe.steps), desc="calibrate", initial=len(history),
                          total=recipe.steps):
             batch = windows(ids, recipe.seq_len, rng, recipe.recall, recipe.recall_len).to(device)
             soft.active = False
             with torch.no_grad():
-                teacher = log_probs(model, batch)
+                teacher = final_hidden(model, batch)
                 weights = None
                 if recipe.long_range_weight:
                     soft.local = recipe.local_window
-                    reach = token_kl(teacher, log_probs(model, batch))
+                    reach = hidden_kl(model, teacher, final_hidden(model, batch))
                     soft.local = None
                     weights = long_range_weights(reach, recipe.long_range_weight)
             soft.active, soft.log_beta = True, {}
-            student = log_probs(model, batch)
-            per_token = token_kl(teacher, student)
+            per_token = hidden_kl(model, teacher, final_hidden(model, batch))
             kl = per_token.mean()
             fit = kl if weights is None else (weights * per_token).sum() / weights.sum()
             capacity = capacity_loss(list(soft.log_beta.values()), recipe.budget)

@@ -14,8 +14,10 @@ from safetensors.torch import load_file
 from kvevict import EvictionCache, Policy, with_cache
 from kvevict import cache as cache_module
 from kvevict import policy as policy_module
-from kvevict.calibrate import (SINKS, Recipe, SoftEviction, calibrate, capacity_loss, check_made_by, long_range_weights,
-                               recheck, windows)
+from kvevict import calibrate as calibrate_module
+from kvevict.calibrate import (SINKS, Recipe, SoftEviction, calibrate, capacity_loss, check_head, check_made_by,
+                               final_hidden, hidden_kl, long_range_weights, recheck, windows)
+from kvevict.evaluate import token_kl
 from kvevict.evaluate import check_cards, policy_cards
 from kvevict.gates import POLICY_DIR, Fingerprint, RetentionGates, load_gates
 from kvevict.scoring.h2o import H2O
@@ -779,3 +781,56 @@ def test_learned_padded_batch_equals_rows_alone(calibrated, evidence):
     for i, r in enumerate(rows):
         alone = model.generate(r[None], attention_mask=torch.ones_like(r[None]), **with_cache(model, cache()), **gen)
         assert torch.equal(out[i, width:], alone[0, len(r):]), f"row {i}"
+
+
+def _gate_gradients(model, batch: torch.Tensor, lean: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Per-token KL and the gates' gradients of one training loss, computed lean (hidden states, the head a
+    few tokens at a time, attention and decay recomputed in backward) or plainly (the whole logits, all kept)."""
+    gates = RetentionGates(Fingerprint.of(model.config), width=8)
+    torch.manual_seed(0)
+    for w in gates.parameters():
+        torch.nn.init.normal_(w, std=0.5)
+    soft = SoftEviction(model, gates.to(torch.float64))
+    try:
+        if lean:
+            with torch.no_grad():
+                teacher = final_hidden(model, batch)
+            soft.active = True
+            per_token = hidden_kl(model, teacher, final_hidden(model, batch))
+        else:
+            with torch.no_grad():
+                teacher = model(batch).logits.float().log_softmax(-1)
+            soft.active = True
+            per_token = token_kl(teacher, model(batch).logits.float().log_softmax(-1))
+        loss = per_token.mean() + capacity_loss(list(soft.log_beta.values()), budget=4)
+        loss.backward()
+    finally:
+        soft.close()
+    return per_token.detach(), [w.grad for w in gates.parameters()]
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gemma3])
+def test_the_lean_loss_equals_the_plain_one(make, monkeypatch):
+    model = make()
+    if make is tiny_gemma3:
+        model.config.final_logit_softcapping = 5.0  # the head's cap, as Gemma 2 has it, applied by both paths
+    batch = prompt(40)
+    plain = _gate_gradients(model, batch, lean=False)
+    lean = _gate_gradients(model, batch, lean=True)  # one slice, everything kept
+    monkeypatch.setattr(calibrate_module, "KEPT_ELEMENTS", 96 * 7)  # the head 7 tokens at a time, the rest recomputed
+    sliced = _gate_gradients(model, batch, lean=True)
+    for got in (lean, sliced):
+        assert torch.allclose(got[0], plain[0], rtol=1e-6, atol=1e-9)
+        assert all(torch.allclose(g, r, rtol=1e-6, atol=1e-9) for g, r in zip(got[1], plain[1]))
+    assert plain[0].mean() > 1e-5 and any(r.abs().max() > 1e-6 for r in plain[1])  # the gates change the outputs
+
+
+def test_a_model_whose_logits_are_not_its_heads_is_refused():
+    from transformers import CohereConfig, CohereForCausalLM
+    torch.manual_seed(0)
+    cfg = CohereConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=None)
+    cohere = CohereForCausalLM(cfg).eval()  # multiplies its logits by a logit scale
+    with pytest.raises(ValueError, match="CohereForCausalLM.*not supported"):
+        check_head(cohere, prompt(16))
+    check_head(tiny_gemma3(), prompt(16))
