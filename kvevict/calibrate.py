@@ -19,8 +19,8 @@ model copies the repeat; the gated one can only if the first copy survived). Che
 AdamW's state as safetensors, the loss history and the training settings as JSON) make runs
 resumable: a resumed run continues with the same data order and optimizer state, so it ends where an
 uninterrupted run would. The loss is computed from the last hidden states, the output head a slice of
-tokens at a time, and large attention weights are recomputed in the backward pass, so that memory
-grows with the window, not with the window times the vocabulary.
+tokens at a time, and large attention weights are recomputed in the backward pass, so that the
+vocabulary does not multiply the memory of a long window.
 Given held-out text, a run ends by choosing the policy's default allocator on it (:mod:`.validation`);
 :func:`recheck` runs that check again for gates calibrated before.
 """
@@ -58,7 +58,7 @@ SCHEDULES = ("constant", "cosine")
 METHODS = ("distillation", "regression")  # end-to-end soft eviction, or a fit to regression targets (kvevict.regression)
 SINKS = 4  # first tokens the local teacher of the long-range weights still sees
 MIN_VALIDATE_LEN = 256  # held-out windows shorter than this leave no budget above the protected entries
-KEPT_ELEMENTS = 2**26  # the most logits the loss holds at once; larger attention weights are recomputed in backward
+KEPT_ELEMENTS = 2**26  # logits of one slice of the loss; larger attention weights are recomputed in backward
 
 
 @dataclass(frozen=True)
@@ -192,7 +192,7 @@ class SoftEviction:
         local = self.local if not self.active else None
         attend = partial(soft_attention, scaling=scaling, window=getattr(module, "sliding_window", None), local=local)
         b, hq, t, _ = query.shape
-        if torch.is_grad_enabled() and (query.requires_grad or log_beta is not None) and b * hq * t * t > KEPT_ELEMENTS:
+        if _worth_recomputing(b * hq * t * t, query, key, value, log_beta):
             out = _recomputed(attend, query, key, value, log_beta)
         else:
             out = attend(query, key, value, log_beta)
@@ -224,6 +224,13 @@ def soft_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     return torch.einsum("bhgqk,bhkd->bhgqd", probs, value).reshape(b, hq, t, -1)
 
 
+def _worth_recomputing(elements: int, *inputs: torch.Tensor | None) -> bool:
+    """Whether a function of ``inputs`` creating ``elements``-sized intermediates should recompute them in the
+    backward pass: autograd records it and they are larger than ``KEPT_ELEMENTS``."""
+    needed = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
+    return needed and elements > KEPT_ELEMENTS
+
+
 def _recomputed(fn: Callable[..., torch.Tensor], *args: torch.Tensor | None) -> torch.Tensor:
     """``fn(*args)``, its intermediate tensors recomputed in the backward pass instead of kept."""
     return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
@@ -244,8 +251,7 @@ def capacity_loss(log_betas: list[torch.Tensor], budget: int) -> torch.Tensor:
     """Hinge on the soft count of live entries. ``log_betas``: per layer ``[B, H, T]`` (each layer's
     ``[T, T]`` decays, beyond ``KEPT_ELEMENTS``, recomputed in the backward pass instead of kept)."""
     b, h, t = log_betas[0].shape
-    lean = log_betas[0].requires_grad and b * h * t * t > KEPT_ELEMENTS
-    live = sum(_recomputed(_live, lb) if lean else _live(lb) for lb in log_betas)
+    live = sum(_recomputed(_live, lb) if _worth_recomputing(b * h * t * t, lb) else _live(lb) for lb in log_betas)
     slots = len(log_betas) * h
     full = slots * torch.arange(1, t + 1, device=live.device)
     room = (full - slots * budget).clamp(min=1)
@@ -270,13 +276,17 @@ def head_log_probs(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor
 def check_head(model: PreTrainedModel, ids: torch.Tensor) -> None:
     """Refuse a model whose logits are not :func:`head_log_probs` of :func:`final_hidden` (some scale or
     cap them otherwise): the loss computed from hidden states would silently be another model's."""
+    refusal = (f"calibration computes {type(model).__name__}'s logits from its last hidden states and its output "
+               "head ({}): this architecture is not supported")
     with torch.no_grad():
         expected = model(ids, use_cache=False).logits.float().log_softmax(-1)
-        got = head_log_probs(model, final_hidden(model, ids))
-    if not torch.allclose(got, expected, rtol=1e-3, atol=1e-3):
-        raise ValueError(f"calibration computes {type(model).__name__}'s logits from its last hidden states and its "
-                         f"output head, and they differ from the model's own (by up to "
-                         f"{(got - expected).abs().max().item():.3g}): this architecture is not supported")
+        try:
+            got = head_log_probs(model, final_hidden(model, ids))
+        except (AttributeError, TypeError) as e:  # no base model, no output head, not a linear head, ...
+            raise ValueError(refusal.format(f"which fails: {e}")) from e
+    gap = (got - expected).abs().max().item()
+    if gap > 1e-3:
+        raise ValueError(refusal.format(f"its log-probabilities differ from the model's own by up to {gap:.3g}"))
 
 
 class _HeadKL(torch.autograd.Function):
@@ -308,11 +318,12 @@ class _HeadKL(torch.autograd.Function):
 
 def hidden_kl(model: PreTrainedModel, teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
     """Per-token ``KL(teacher || student)`` ``[B, T]`` (float32) of the next-token distributions that last hidden
-    states ``[B, T, D]`` give, with at most ``KEPT_ELEMENTS`` logits at once: the memory of a large vocabulary
-    (Gemma 3's 262k) stays that of a slice of tokens."""
+    states ``[B, T, D]`` give, ``KEPT_ELEMENTS`` logits a slice: the memory of a large vocabulary (Gemma 3's
+    262k) stays that of a slice of tokens. Only ``student`` gets a gradient: the teacher is a fixed target
+    (detached) and the output head, frozen during calibration, gets none."""
     b, t, _ = student.shape
     step = max(1, KEPT_ELEMENTS // (b * model.get_output_embeddings().weight.shape[0]))
-    return _HeadKL.apply(model, teacher, student, step, torch.is_grad_enabled() and student.requires_grad)
+    return _HeadKL.apply(model, teacher.detach(), student, step, torch.is_grad_enabled() and student.requires_grad)
 
 
 def long_range_weights(reach: torch.Tensor, strength: float) -> torch.Tensor:

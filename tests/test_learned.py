@@ -802,7 +802,8 @@ def _gate_gradients(model, batch: torch.Tensor, lean: bool) -> tuple[torch.Tenso
                 teacher = model(batch).logits.float().log_softmax(-1)
             soft.active = True
             per_token = token_kl(teacher, model(batch).logits.float().log_softmax(-1))
-        loss = per_token.mean() + capacity_loss(list(soft.log_beta.values()), budget=4)
+        weights = torch.rand(per_token.shape, generator=torch.Generator().manual_seed(2))  # as long-range weights
+        loss = (weights * per_token).sum() / weights.sum() + capacity_loss(list(soft.log_beta.values()), budget=4)
         loss.backward()
     finally:
         soft.close()
@@ -814,7 +815,7 @@ def test_the_lean_loss_equals_the_plain_one(make, monkeypatch):
     model = make()
     if make is tiny_gemma3:
         model.config.final_logit_softcapping = 5.0  # the head's cap, as Gemma 2 has it, applied by both paths
-    batch = prompt(40)
+    batch = prompt(40, batch=2)
     plain = _gate_gradients(model, batch, lean=False)
     lean = _gate_gradients(model, batch, lean=True)  # one slice, everything kept
     monkeypatch.setattr(calibrate_module, "KEPT_ELEMENTS", 96 * 7)  # the head 7 tokens at a time, the rest recomputed
@@ -831,6 +832,10 @@ def test_a_model_whose_logits_are_not_its_heads_is_refused():
     cfg = CohereConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=None)
     cohere = CohereForCausalLM(cfg).eval()  # multiplies its logits by a logit scale
-    with pytest.raises(ValueError, match="CohereForCausalLM.*not supported"):
+    with pytest.raises(ValueError, match="CohereForCausalLM.*differ from the model's own.*not supported"):
         check_head(cohere, prompt(16))
+    headless = tiny_llama()
+    headless.get_output_embeddings = lambda: None
+    with pytest.raises(ValueError, match="LlamaForCausalLM.*which fails.*not supported"):
+        check_head(headless, prompt(16))
     check_head(tiny_gemma3(), prompt(16))
