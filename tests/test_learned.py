@@ -17,8 +17,7 @@ from kvevict import policy as policy_module
 from kvevict import calibrate as calibrate_module
 from kvevict.calibrate import (SINKS, Recipe, SoftEviction, calibrate, capacity_loss, check_head, check_made_by,
                                final_hidden, hidden_kl, long_range_weights, recheck, windows)
-from kvevict.evaluate import token_kl
-from kvevict.evaluate import check_cards, policy_cards
+from kvevict.evaluate import check_cards, policy_cards, token_kl
 from kvevict.gates import POLICY_DIR, Fingerprint, RetentionGates, load_gates
 from kvevict.scoring.h2o import H2O
 from kvevict.scoring.keydiff import KeyDiff
