@@ -33,6 +33,7 @@ from transformers import DynamicCache  # noqa: E402
 from kvevict import EvictionCache  # noqa: E402
 from kvevict.evaluate import (Prompt, answer, at_least, check_cards, check_policy_names, policy_cards,  # noqa: E402
                               score_answer)
+from kvevict.fetch import Unavailable  # noqa: E402
 from kvevict.machine import hardware  # noqa: E402
 from kvevict.models import load_model  # noqa: E402
 from kvevict.tasks import TASKS  # noqa: E402
@@ -48,7 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
-    p.add_argument("--tasks", nargs="+", default=sorted(TASKS), choices=sorted(TASKS))
+    buildable = [t for t in sorted(TASKS) if TASKS[t].available()]
+    p.add_argument("--tasks", nargs="+", default=buildable, choices=sorted(TASKS),
+                   help=f"default: every task whose data can be had here ({', '.join(buildable)})")
     p.add_argument("--policies", nargs="+", default=["full", "streaming", "snapkv", "tova", "expected_attention"])
     p.add_argument("--presses", nargs="*", default=[], help="kvpress presses run side by side (e.g. SnapKVPress)")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.25, 0.5])
@@ -58,6 +61,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=at_least(1), default=2)
     p.add_argument("--out", type=Path, default=RESULTS, help="folder of the results (log, tables, plot)")
     args = p.parse_args(argv)
+    for task in args.tasks:
+        try:
+            TASKS[task].check()
+        except Unavailable as e:
+            p.error(f"task {task} cannot be built here: {e}")
     torch.set_num_threads(args.threads)
     log = args.out / f"ruler_{args.model}.jsonl"
     settings = {"max_new_tokens": args.max_new_tokens, "chunk": args.chunk}

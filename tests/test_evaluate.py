@@ -140,6 +140,23 @@ def test_ruler_log_refuses_runs_under_other_settings(bench_script, tmp_path, cap
         assert "other settings ({'max_new_tokens': 32, 'chunk': 512})" in capsys.readouterr().err
 
 
+def test_ruler_refuses_a_task_whose_data_is_not_here(bench_script, tmp_path, monkeypatch, capsys):
+    """QA needs Quoref, whose source left PyPI: without a cached copy it is left out of the default tasks and
+    refused by name before any model is loaded."""
+    monkeypatch.setenv("KVEVICT_CACHE", str(tmp_path))  # an empty cache
+    ruler = bench_script("ruler")
+    assert not ruler.TASKS["qa"].available() and ruler.TASKS["niah_single"].available()
+    with pytest.raises(SystemExit):
+        ruler.main(["--model", "no-such-model", "--tasks", "niah_single", "qa", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "task qa cannot be built here: quoref: bigbench 1.0.0" in err and "quoref_answer_generation.json" in err
+    with pytest.raises(SystemExit):
+        ruler.main(["--model", "no-such-model", "--help"])
+    usage = " ".join(capsys.readouterr().out.split())
+    assert "default: every task whose data can be had here (common_words, frequent_words, niah_multikey," in usage
+    assert "who_speaks)" in usage and " qa," not in usage
+
+
 def test_hardware_names_the_machine_a_run_ran_on(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 7)
     assert hardware("cpu", 3) == "7-core CPU (3 threads)"

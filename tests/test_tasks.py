@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 import subprocess
 import sys
 
 import pytest
 
+from kvevict import tasks
+from kvevict.data import QUOREF, available
 from kvevict.evaluate import score_answer
 from kvevict.models import load_model
 from kvevict.tasks import TASKS, _qa_records
@@ -19,6 +22,27 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def tok():
     return load_model("smollm2-135m")[1]
+
+
+def _made_up_quoref() -> tuple[list[tuple[str, str, tuple[str, ...]]], list[str]]:
+    """Quoref-shaped records: 40 passages of 60-200 words, each with one question on a name it holds once."""
+    rng = random.Random(0)
+    filler = "the river ran past an old mill where people met to trade grain and tell stories".split()
+    records = []
+    for i in range(40):
+        name = f"Quillon{i:02d}"
+        words = [rng.choice(filler) for _ in range(rng.randrange(60, 200))]
+        words.insert(rng.randrange(len(words)), f"{name} owned the mill number {i}")
+        records.append((" ".join(words) + ".", f"Who owned the mill number {i}?", (name,)))
+    return records, sorted({p for p, _, _ in records})
+
+
+@pytest.fixture(autouse=True)
+def quoref_records(monkeypatch: pytest.MonkeyPatch):
+    """QA over made-up passages: Quoref's source was withdrawn from PyPI (tests with it follow, where cached)."""
+    records = _made_up_quoref()
+    monkeypatch.setattr(tasks, "_qa_records", lambda: records)
+    return records
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
@@ -62,9 +86,20 @@ def test_qa_hides_the_answering_passage_once_among_distractors(tok):
     text = tok.decode(prompt.context[0])
     documents = re.findall(r"Document (\d+):\n", text)
     assert len(documents) >= 2 and documents == [str(i + 1) for i in range(len(documents))]
-    records, _ = _qa_records()
+    records, _ = tasks._qa_records()
     gold = [p for p, q, a in records if q in tok.decode(prompt.question[0]) and a == prompt.answers]
-    assert gold and text.count(gold[0]) == 1
+    assert len(gold) == 1 and text.count(gold[0]) == 1
+    assert sum(p in text for p, _, _ in records) == len(documents)  # the other documents are distractors
+
+
+@pytest.mark.skipif(not available(QUOREF), reason="Quoref's source (bigbench 1.0.0) was withdrawn from PyPI "
+                    "and no copy is cached here")
+def test_qa_on_quoref(tok, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(tasks, "_qa_records", _qa_records)
+    prompt = TASKS["qa"].build(tok, 2048, seed=7)
+    assert prompt.context.shape == (1, 2048)
+    text = tok.decode(prompt.context[0]).lower()
+    assert any(a.lower() in text for a in prompt.answers)
 
 
 @pytest.mark.parametrize("name, length, message", [("qa", 40, "too short for qa"),
