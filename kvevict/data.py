@@ -88,8 +88,8 @@ EVAL_PLAYS = {
 }
 
 
-BIGBENCH_WITHDRAWN = ("bigbench 1.0.0, its source, is no longer on PyPI (only 0.0.1, a 358 kB stub, is "
-                      "listed there since December 2026)")
+BIGBENCH_WITHDRAWN = ("bigbench 1.0.0, its source, is no longer on PyPI (on 2026-12-07 only 0.0.1, a 358 kB "
+                      "stub, was listed there)")
 
 QUOREF = Artifact(
     name="quoref",
