@@ -3,10 +3,11 @@
 RULER-style synthetic tasks (needle retrieval in four variants, variable tracking, common and
 frequent word extraction), QA over shuffled documents (Quoref passages standing in for RULER's
 SQuAD / HotpotQA; their source was withdrawn from PyPI, so QA runs only where they are cached)
-and a real-text task (who speaks a given line of a Shakespeare play held out from calibration). Every prompt is a :class:`~kvevict.evaluate.Prompt`: a context of exactly
-``length`` tokens (chat frame included) that a cache may compress, then the question and an answer
-prefix. Scoring: the fraction of the references found in the answer (case-insensitive substring
-match, RULER's rule for needles; RULER's QA counts one reference found as right).
+and a real-text task (who speaks a given line of a Shakespeare play held out from calibration).
+Every prompt is a :class:`~kvevict.evaluate.Prompt`: a context of exactly ``length`` tokens (chat
+frame included) that a cache may compress, then the question and an answer prefix. Scoring: the
+fraction of the references found in the answer (case-insensitive substring match, RULER's rule for
+needles; RULER's QA counts one reference found as right).
 """
 
 from __future__ import annotations

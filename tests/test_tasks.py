@@ -38,11 +38,10 @@ def _made_up_quoref() -> tuple[list[tuple[str, str, tuple[str, ...]]], list[str]
 
 
 @pytest.fixture(autouse=True)
-def quoref_records(monkeypatch: pytest.MonkeyPatch):
+def made_up_quoref(monkeypatch: pytest.MonkeyPatch) -> None:
     """QA over made-up passages: Quoref's source was withdrawn from PyPI (tests with it follow, where cached)."""
     records = _made_up_quoref()
     monkeypatch.setattr(tasks, "_qa_records", lambda: records)
-    return records
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
