@@ -76,8 +76,9 @@ class EvictingLayer(CacheLayerMixin):
         self.sliding_window = sliding_window
         self.config = config
         self.modality = modality or ModalityMap()
-        self.record_past = False  # sliding layers keep their overflow until `crop` (assisted decoding)
+        self.record_past = False  # assisted decoding: sliding layers keep their overflow until `crop`
         self.seen = 0
+        self.rollback = 0  # while recording the past: the drafts a crop may take back (assisted decoding)
         self.real: torch.Tensor | None = None  # [B] real (non-pad) tokens seen per row
         self.sink_end: torch.Tensor | None = None  # [B] logical position after the row's last sink
         self.real_min = 0  # min(real), kept as an int to avoid device syncs when decoding
@@ -124,8 +125,10 @@ class EvictingLayer(CacheLayerMixin):
     @property
     def is_croppable(self) -> bool:
         """A crop restores the cache exactly only while nothing was evicted and the scorer keeps no sums
-        over queries (transformers' assisted decoding refuses a cache that is not croppable). A sliding
-        layer is, like transformers' own: its window's overflow is kept once past recording is on."""
+        over queries (transformers' assisted decoding checks this once, after its first forward pass, and
+        refuses a cache that is not croppable). A sliding layer is, like transformers' own: its window's
+        overflow is kept once past recording is on. Evictions during assisted decoding keep the drafts:
+        :meth:`recent_span`."""
         if self.sliding_window is not None:
             return True
         return self.evicted == 0 and not self.policy.scorer.accumulates
@@ -181,7 +184,7 @@ class EvictingLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.kv = None
-        self.seen, self.evicted, self.trimmed, self.guaranteed_from = 0, 0, 0, 0
+        self.seen, self.evicted, self.trimmed, self.guaranteed_from, self.rollback = 0, 0, 0, 0, 0
         self.paused = self.record_past = False
         self.real = self.sink_end = None
         self.real_min = 0
@@ -199,32 +202,38 @@ class EvictingLayer(CacheLayerMixin):
             self._select_rows(torch.arange(rows, device=self.device).repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select_rows(torch.as_tensor(indices, device=self.device))
+        """Keep the batch rows ``indices`` (``[B']`` int, or a ``[B]`` bool mask, as transformers' layers take)."""
+        if self.is_initialized:
+            index = torch.as_tensor(indices, device=self.device)
+            self._select_rows(index.nonzero().flatten() if index.dtype == torch.bool else index)
 
-    def activate_past_recording(self, **kwargs: Any) -> None:
-        """Called by assisted decoding: sliding layers keep what leaves the window until ``crop``.
-
-        Keyword arguments (transformers >= 5.25 passes ``recurrent_states_to_keep``, meant for
-        recurrent layers) do not apply to attention layers and are ignored, as transformers' own
-        sliding-window layer does."""
+    def activate_past_recording(self, recurrent_states_to_keep: int = 0, **kwargs: Any) -> None:
+        """Called by assisted decoding: sliding layers keep what leaves the window until ``crop``, and
+        evictions keep the last ``recurrent_states_to_keep`` tokens (transformers >= 5.25 passes the
+        number of drafted tokens; 5.24 passes nothing) besides the recent window, so that ``crop`` can
+        take back rejected drafts. Other keyword arguments are for recurrent layers and are ignored."""
         self.record_past = True
+        self.rollback = int(recurrent_states_to_keep or 0)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Forget the last ``-tokens_to_remove`` tokens (``crop(0)`` trims sliding layers back to their window).
 
-        Only tokens still guaranteed to be stored can be forgotten: within the protected recent
-        window once something was evicted; in sliding layers, only while past recording is on. What a
-        scorer summed over queries (H2O's attention received) keeps the forgotten queries' share.
+        Only tokens still guaranteed to be stored can be forgotten: within the recent span that the
+        latest eviction protected (:meth:`recent_span`); in sliding layers, only while past recording
+        is on. What a scorer summed over queries (H2O's attention received) keeps the forgotten
+        queries' share. Forgetting every head's latest slots copies nothing (the spare room stays).
         """
         if tokens_to_remove > 0:
             raise ValueError(f"crop takes the negative number of tokens to remove, got {tokens_to_remove}")
         if not self.is_initialized:
             return
-        self.score_pending()
         new_seen = self.seen + tokens_to_remove
         if new_seen < 0:
             raise ValueError(f"cannot crop {-tokens_to_remove} tokens from a cache that has seen {self.seen}")
         removed = self.seen - new_seen
+        if not removed and self.sliding_window is None:
+            return  # nothing to forget: the storage keeps its spare room, deferred scores stay deferred
+        self.score_pending()
         if self.sliding_window is not None:
             if removed and not self.record_past and self.seen >= self.sliding_window:
                 raise RuntimeError(
@@ -234,16 +243,16 @@ class EvictingLayer(CacheLayerMixin):
         elif new_seen < self.guaranteed_from:
             raise ValueError(
                 f"layer {self.layer_idx}: cannot crop {removed} tokens: only the tokens from position "
-                f"{self.guaranteed_from} on are guaranteed to be stored (the last {self.protection.recent} at the "
-                "latest eviction; raise `recent` to allow deeper rollbacks)"
+                f"{self.guaranteed_from} on are guaranteed to be stored (the recent tokens the latest eviction "
+                f"protected; raise `recent`, now {self.protection.recent}, to allow deeper rollbacks)"
             )
         dropped = self.kv.positions >= new_seen
         self.real = self.real - dropped.sum(-1).amax(-1)  # every head stores the recent tokens
         self.real_min = int(self.real.min())
-        keep = ~dropped
-        if self.sliding_window is not None:
-            keep &= self.kv.positions > new_seen - self.sliding_window
-        self.kv.compact(keep)
+        if self.sliding_window is None:
+            self.kv.forget_from(new_seen)
+        else:
+            self.kv.compact(~dropped & (self.kv.positions > new_seen - self.sliding_window))
         if self.window is not None:
             q, pos, real = self.window
             kept = pos < new_seen
@@ -355,17 +364,22 @@ class EvictingLayer(CacheLayerMixin):
             image=self.modality.lookup(self.kv.positions), hidden=self.hidden, kept=kept,
         )
 
+    def recent_span(self) -> int:
+        """How many of the latest tokens an eviction now keeps: ``recent``, and while past recording is on
+        (assisted decoding) at least the drafts a crop may take back."""
+        return max(self.protection.recent, self.rollback) if self.record_past else self.protection.recent
+
     def selection_inputs(self, budget: torch.Tensor) -> SelectionInputs:
-        """Score the entries and mark what is protected (first real tokens, recent window)."""
+        """Score the entries and mark what is protected (first real tokens, recent span)."""
         pos = self.kv.positions
         valid = pos >= 0
-        protected = valid & ((pos < self.sink_end[:, None, None]) | (pos >= self.seen - self.protection.recent))
+        protected = valid & ((pos < self.sink_end[:, None, None]) | (pos >= self.seen - self.recent_span()))
         kept = None
         if self.budget is not None:  # the model-wide share (before a per-layer allocator's factor)
             kept = self.budget.entries(self.real).double() / self.real.clamp(min=1)
         inputs = self.score_inputs(kept=kept)
         scores = self.policy.scorer.score(inputs)
-        return SelectionInputs(scores, valid, protected, budget, self.depth, self.num_layers, inputs.image)
+        return SelectionInputs(scores, valid, protected, budget, inputs.image)
 
     def layer_budget(self) -> torch.Tensor:
         """``[B]`` entries per KV head each row may keep in this layer (never below the protected)."""
@@ -408,7 +422,7 @@ class EvictingLayer(CacheLayerMixin):
         dropped = self.kv.compact(torch.where(rows[:, None, None], keep, inputs.valid))
         if dropped:
             self.evicted += dropped
-            self.guaranteed_from = max(self.guaranteed_from, self.seen - self.protection.recent)
+            self.guaranteed_from = max(self.guaranteed_from, self.seen - self.recent_span())
 
     # --- helpers ----------------------------------------------------------------------------------
     def _check_compatible(self, key_states: torch.Tensor) -> None:
@@ -451,7 +465,8 @@ class EvictionCache(Cache):
         policy: a name (``"streaming"``, ``"uniform:streaming"``), a :class:`~kvevict.scoring.Scorer`
             or a :class:`~kvevict.policy.Policy`.
         budget: entries kept per (layer, KV head) (int, on average), a fraction of the tokens seen
-            (float in (0, 1]), or ``None`` for no eviction.
+            (float in (0, 1]), or ``None``: no eviction, unless the allocator sets the budget itself
+            (``Threshold``, which asks for ``None``).
         sinks, recent: protected first real tokens and most recent tokens of each row.
         slack: eviction runs once a head holds more than ``budget + slack`` entries.
     """
@@ -478,9 +493,14 @@ class EvictionCache(Cache):
         protection = Protection(sinks, recent)
         self.budget = None if budget is None else Budget(budget, floor=protection.total)
         self.slack = slack
+        layer_types = _layer_types(text)
+        needs_hidden = self.policy.scorer.needs_hidden
+        if needs_hidden and not isinstance(model, PreTrainedModel):
+            raise ValueError(f"{self.policy.scorer.name!r} reads hidden states: build the cache from the model")
+        to_hook = _attention_modules_of(model) if needs_hidden else []
         if isinstance(model, PreTrainedModel):  # only once the arguments are known to be good
             _switch_attention(model)
-        layer_types = _layer_types(text)
+        _hook_attention_inputs(to_hook)
         windows = [text.sliding_window if t == "sliding_attention" else None for t in layer_types]
         depths = (torch.tensor([w is None for w in windows]).cumsum(0) - 1).tolist()
         self.config, self.modality = config, ModalityMap()
@@ -490,10 +510,6 @@ class EvictionCache(Cache):
             for i, (depth, w) in enumerate(zip(depths, windows))
         ]
         super().__init__(layers=layers)
-        if self.policy.scorer.needs_hidden:
-            if not isinstance(model, PreTrainedModel):
-                raise ValueError(f"{self.policy.scorer.name!r} reads hidden states: build the cache from the model")
-            _hook_attention_inputs(model)
         self.full = [layer for layer in layers if layer.sliding_window is None]
         if self.policy.allocator.scope == "global" and self.budget is not None and self.full:
             self.full[-1].on_forward_end = self._end_of_forward
@@ -610,13 +626,18 @@ class EvictionCache(Cache):
 _ATTENTION_INPUT: ContextVar[tuple[int, torch.Tensor] | None] = ContextVar("kvevict_attention_input", default=None)
 
 
-def _hook_attention_inputs(model: PreTrainedModel) -> None:
-    """Make each attention module hand its input (the normalised hidden states) to the cache layer
-    whose ``update`` it calls next (see :meth:`EvictingLayer.take_attention_input`). Installed once
-    per model; caches come and go without touching the hooks."""
+def _attention_modules_of(model: PreTrainedModel) -> list[torch.nn.Module]:
+    """The model's attention modules (those with a layer index); an error if it has none."""
     modules = attention_modules(model)
     if not modules:
         raise ValueError(f"found no attention modules with a layer index in {type(model).__name__}")
+    return modules
+
+
+def _hook_attention_inputs(modules: list[torch.nn.Module]) -> None:
+    """Make each attention module hand its input (the normalised hidden states) to the cache layer
+    whose ``update`` it calls next (see :meth:`EvictingLayer.take_attention_input`). Installed once
+    per model; caches come and go without touching the hooks."""
     for module in modules:
         if not getattr(module, "_kvevict_input_hook", False):
             module.register_forward_pre_hook(_hand_over_input, with_kwargs=True)

@@ -15,16 +15,13 @@ import torch
 @dataclass(frozen=True)
 class SelectionInputs:
     """Scores ``[B, H, S]`` with the slot masks ``valid`` and ``protected`` (both ``[B, H, S]``)
-    and the per-row budget ``budget`` ``[B]`` in entries per KV head of this layer, which is the
-    ``depth``-th of the model's ``num_layers`` full-attention layers. ``image`` ``[B, H, S]`` marks
-    image entries, if known."""
+    and the per-row budget ``budget`` ``[B]`` in entries per KV head of this layer. ``image``
+    ``[B, H, S]`` marks image entries, if known."""
 
     scores: torch.Tensor
     valid: torch.Tensor
     protected: torch.Tensor
     budget: torch.Tensor
-    depth: int
-    num_layers: int
     image: torch.Tensor | None = None
 
     def ranked(self) -> torch.Tensor:

@@ -162,6 +162,17 @@ class HeadwiseKV:
         self.run_start = new_len - counts
         return dropped
 
+    def forget_from(self, position: int) -> int:
+        """Drop the entries of logical ``position`` and later; return how many. In place (the spare room
+        stays) when they are every (row, head)'s last slots, as after appends; else by compaction."""
+        later = self.positions >= position
+        n = int(later.sum(-1).max()) if later.numel() else 0
+        last = self.length - n
+        if not (bool(later[..., last:].all()) and not bool(later[..., :last].any())):
+            return self.compact(~later)
+        self.length = last
+        return int(later.sum())
+
     def select_rows(self, index: torch.Tensor) -> None:
         """Reorder / repeat / select the batch rows by ``index`` (``[B']``)."""
         index = index.to(self.buffers["keys"].device)

@@ -166,6 +166,19 @@ def test_beam_search_and_return_sequences_match_dynamic_cache(llama):
     assert all(int(l.kv.counts().max()) <= 14 for l in cache.layers)
 
 
+def test_batch_select_indices_takes_indices_or_a_mask(llama):
+    EvictionCache(llama, "streaming", budget=64).batch_select_indices(torch.tensor([0]))  # nothing stored yet
+    caches = [EvictionCache(llama, "streaming", budget=12, sinks=2, recent=4, slack=2) for _ in range(2)]
+    for cache in caches:
+        llama(prompt(30, batch=3), **with_cache(llama, cache))
+    keys = caches[0].layers[0].kv.keys
+    caches[0].batch_select_indices(torch.tensor([0, 2]))
+    caches[1].batch_select_indices(torch.tensor([True, False, True]))
+    for a, b in zip(*(c.layers for c in caches)):
+        assert torch.equal(a.kv.keys, b.kv.keys) and torch.equal(a.kv.positions, b.kv.positions)
+    assert torch.equal(caches[0].layers[0].kv.keys, keys[[0, 2]])
+
+
 def test_sampling_with_several_sequences_per_prompt(llama):
     cache = EvictionCache(llama, "streaming", budget=12, sinks=2, recent=4, slack=2)
     out = generate(llama, prompt(30), cache, do_sample=True, num_return_sequences=3)
@@ -193,6 +206,66 @@ def test_crop_rolls_back_recent_tokens(llama):
     with pytest.raises(ValueError, match="only the tokens from position 32 on are guaranteed"):
         c.crop(-1)
     assert c.get_seq_length() == 32 and c.stats()["tokens_seen"] == [32]
+
+
+def test_crop_of_the_latest_tokens_copies_nothing(llama):
+    """crop(0) and crop(-k) of every head's last slots change the length in place: the spare room that
+    lets decoding append without copying stays (assisted decoding crops at every step)."""
+    cache = EvictionCache(llama, "streaming", budget=16, sinks=2, recent=8, slack=6)
+    llama(prompt(40), **with_cache(llama, cache))
+    llama(prompt(1, seed=3), **with_cache(llama, cache))  # one decoding step: room to spare now
+    layer = cache.layers[0]
+    before = layer.kv.positions.clone()
+    pointer, capacity = layer.kv.buffers["keys"].data_ptr(), layer.kv.capacity
+    assert capacity > layer.kv.length
+    cache.crop(0)
+    cache.crop(-2)
+    assert layer.kv.buffers["keys"].data_ptr() == pointer and layer.kv.capacity == capacity
+    assert torch.equal(layer.kv.positions, before[..., :-2]) and cache.get_seq_length() == 39
+    # and the cropped cache goes on as one that never saw those tokens
+    nxt = prompt(1, seed=4)
+    other = EvictionCache(llama, "streaming", budget=16, sinks=2, recent=8, slack=6)
+    llama(prompt(40), **with_cache(llama, other))
+    other.crop(-1)
+    assert torch.allclose(llama(nxt, **with_cache(llama, cache)).logits, llama(nxt, **with_cache(llama, other)).logits)
+
+
+def drafting_assistant(tokens: int) -> torch.nn.Module:
+    """A tiny Llama a little off the main one that always drafts ``tokens`` tokens (so some get rejected)."""
+    assistant = tiny_llama()
+    torch.manual_seed(1)
+    for p in assistant.parameters():
+        p.data += 0.02 * torch.randn_like(p)
+    config = assistant.generation_config
+    config.num_assistant_tokens, config.num_assistant_tokens_schedule = tokens, "constant"
+    config.assistant_confidence_threshold = 0.0
+    return assistant
+
+
+@pytest.mark.parametrize("policy", ["streaming", "snapkv"])
+def test_assisted_decoding_may_evict_once_it_runs(llama, policy):
+    """transformers checks croppability once, after its first forward pass; later evictions keep the drafts
+    (the number transformers names when it starts recording the past) besides the recent window, so
+    rejected drafts are cropped away even when there are more of them than the recent window holds."""
+    budget, recent, drafts = 48, 4, 10
+    cache = EvictionCache(llama, policy, budget=budget, sinks=2, recent=recent, slack=0)
+    out = generate(llama, prompt(20), cache, assistant_model=drafting_assistant(drafts), max_new_tokens=60)
+    assert out.shape == (1, 80) and cache.stats()["evicted"] > 0
+    assert all(int(layer.kv.counts().max()) <= budget for layer in cache.layers)
+    for record in (False, True):
+        c = EvictionCache(llama, policy, budget=budget, sinks=2, recent=recent, slack=0)
+        if record:
+            c.activate_past_recording(recurrent_states_to_keep=drafts)
+        llama(prompt(60), **with_cache(llama, c))
+        assert c.stats()["evicted"] > 0
+        if record:  # every head holds the drafts' entries, and the crop takes them back
+            assert all(bool(((layer.kv.positions >= 60 - drafts).sum(-1) == drafts).all()) for layer in c.layers)
+            c.crop(-drafts)
+            assert c.get_seq_length() == 60 - drafts
+            assert all(int(layer.kv.positions.max()) < 60 - drafts for layer in c.layers)
+        else:
+            with pytest.raises(ValueError, match="guaranteed"):
+                c.crop(-drafts)
 
 
 def test_assisted_decoding_runs(llama):

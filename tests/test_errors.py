@@ -40,6 +40,10 @@ def test_a_refused_cache_leaves_the_model_as_it_was():
     with pytest.raises(ValueError, match="unknown scorer"):
         EvictionCache(model, "nope", budget=64)
     assert model.config._attn_implementation == before != "kvevict"
+    model.config.layer_types = ["full_attention", "chunked_attention"]  # refused once the policy was resolved
+    with pytest.raises(ValueError, match="chunked_attention"):
+        EvictionCache(model, "streaming", budget=64)
+    assert model.config._attn_implementation == before
 
 
 def test_model_without_attention_layers():

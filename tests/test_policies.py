@@ -156,7 +156,7 @@ def test_balanced_global_budget_is_the_memory_held():
     scores = [torch.tensor([[[1.0, 2, 3, 4, 5, 6], [90, 80, 70, 60, 20, 10]]]),
               torch.tensor([[[30.0, 31, 32, 33, 34, 35], [35.5, 34.5, 33.5, 32.5, 31.5, 30.5]]])]
     inputs = [SelectionInputs(s, torch.ones_like(s, dtype=torch.bool), torch.zeros_like(s, dtype=torch.bool),
-                              torch.tensor([3]), depth, 2) for depth, s in enumerate(scores)]
+                              torch.tensor([3])) for s in scores]
     unbalanced = Global().select_all(inputs, torch.tensor([12]))
     assert [k.sum(-1).tolist() for k in unbalanced] == [[[0, 4]], [[4, 4]]]  # 16 slots stored: 4 of them empty
     keep = Global(balance=True).select_all(inputs, torch.tensor([12]))

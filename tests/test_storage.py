@@ -86,3 +86,20 @@ def test_scorer_state_made_under_inference_mode_is_replaced_outside_it():
         kv.extra["score"] = torch.ones(1, 1, 3)
     kv.append(*entries(1, 1, 1, 3))
     assert kv.extra["score"].tolist() == [[[1.0, 1.0, 1.0, 0.0]]]
+
+
+def test_forgetting_the_latest_entries_keeps_the_buffers_unless_they_are_not_the_last_slots():
+    kv = HeadwiseKV.empty(torch.empty(1, 2, 0, 4), torch.empty(1, 2, 0, 4), reserve=8)
+    kv.append(*entries(1, 2, 6, 0))
+    buffer = kv.buffers["keys"].data_ptr()
+    assert kv.forget_from(4) == 2 * 2 and kv.forget_from(4) == 0
+    assert kv.buffers["keys"].data_ptr() == buffer and kv.capacity == 14
+    assert kv.positions.tolist() == [[[0, 1, 2, 3], [0, 1, 2, 3]]]
+    kv.append(*entries(1, 2, 1, 4))
+    assert kv.buffers["keys"].data_ptr() == buffer and kv.keys[0, 1, :, 0].tolist() == [0, 1, 2, 3, 4]
+    # heads holding different numbers of the forgotten entries: compaction, to the shorter head's length
+    kv.compact(torch.tensor([[[1, 1, 1, 1, 1], [1, 1, 0, 1, 1]]], dtype=torch.bool))
+    kv.append(*entries(1, 2, 1, 5))
+    kv.compact(torch.tensor([[[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 1]]], dtype=torch.bool))  # head 1 drops 4
+    assert kv.positions.tolist() == [[[0, 1, 2, 3, 4, 5], [-1, -1, 0, 1, 3, 5]]]
+    assert kv.forget_from(4) == 3 and kv.positions.tolist() == [[[0, 1, 2, 3], [-1, 0, 1, 3]]]

@@ -168,7 +168,7 @@ def _entries(dup_keys_equal_pivot: bool) -> tuple[ScoreInputs, torch.Tensor]:
 def _quota_keep(inputs: ScoreInputs, scores: torch.Tensor, budget: int, allocator=None) -> torch.Tensor:
     valid = inputs.valid
     protected = valid & (inputs.positions < 2)  # two text sinks
-    x = SelectionInputs(scores, valid, protected, torch.tensor([budget]), 0, 1, inputs.image)
+    x = SelectionInputs(scores, valid, protected, torch.tensor([budget]), inputs.image)
     allocator = allocator or resolve_policy("dart").allocator
     return (allocator.select(x) | protected)[0, 0]
 
@@ -281,7 +281,7 @@ def test_quota_never_exceeds_the_budget_with_protected_entries(share):
     image[..., 2:9] = True  # 2 text sinks, 7 images, 3 recent text tokens
     protected = valid.clone()
     protected[..., 2:9] = False
-    x = SelectionInputs(torch.arange(float(s)).view(1, 1, s), valid, protected, torch.tensor([6]), 0, 1, image)
+    x = SelectionInputs(torch.arange(float(s)).view(1, 1, s), valid, protected, torch.tensor([6]), image)
     keep = Quota(image_share=share).select(x) | protected
     assert int(keep.sum()) <= 6, f"kept {int(keep.sum())} entries: {keep[0, 0].int().tolist()}"
 
@@ -295,8 +295,8 @@ def test_quota_shares_split_the_budget():
     nothing = torch.zeros_like(valid)
 
     def counts(share, budget):
-        keep = Quota(image_share=share).select(SelectionInputs(scores, valid, nothing, torch.tensor([budget]), 0, 1,
-                                                               image))[0, 0]
+        x = SelectionInputs(scores, valid, nothing, torch.tensor([budget]), image)
+        keep = Quota(image_share=share).select(x)[0, 0]
         return int(keep[image[0, 0]].sum()), int(keep[~image[0, 0]].sum())
 
     assert counts(0.0, 8) == (0, 8)
