@@ -204,7 +204,7 @@ class EvictingLayer(CacheLayerMixin):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep the batch rows ``indices`` (``[B']`` int, or a ``[B]`` bool mask, as transformers' layers take)."""
         if self.is_initialized:
-            index = torch.as_tensor(indices, device=self.device)
+            index = torch.as_tensor(indices)
             self._select_rows(index.nonzero().flatten() if index.dtype == torch.bool else index)
 
     def activate_past_recording(self, recurrent_states_to_keep: int = 0, **kwargs: Any) -> None:

@@ -168,10 +168,10 @@ class HeadwiseKV:
         later = self.positions >= position
         n = int(later.sum(-1).max()) if later.numel() else 0
         last = self.length - n
-        if not (bool(later[..., last:].all()) and not bool(later[..., :last].any())):
-            return self.compact(~later)
-        self.length = last
-        return int(later.sum())
+        if bool(later[..., last:].all()) and not bool(later[..., :last].any()):
+            self.length = last
+            return int(later.sum())
+        return self.compact(~later)
 
     def select_rows(self, index: torch.Tensor) -> None:
         """Reorder / repeat / select the batch rows by ``index`` (``[B']``)."""

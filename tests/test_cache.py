@@ -230,15 +230,17 @@ def test_crop_of_the_latest_tokens_copies_nothing(llama):
     assert torch.allclose(llama(nxt, **with_cache(llama, cache)).logits, llama(nxt, **with_cache(llama, other)).logits)
 
 
-def drafting_assistant(tokens: int) -> torch.nn.Module:
-    """A tiny Llama a little off the main one that always drafts ``tokens`` tokens (so some get rejected)."""
-    assistant = tiny_llama()
+def assistant_near(factory, scale: float, drafts: int | None = None) -> torch.nn.Module:
+    """A tiny model a little off the main one (its weights plus ``scale`` noise), so the main model
+    rejects some of its drafts; with ``drafts``, it always drafts that many tokens."""
+    assistant = factory()
     torch.manual_seed(1)
     for p in assistant.parameters():
-        p.data += 0.02 * torch.randn_like(p)
-    config = assistant.generation_config
-    config.num_assistant_tokens, config.num_assistant_tokens_schedule = tokens, "constant"
-    config.assistant_confidence_threshold = 0.0
+        p.data += scale * torch.randn_like(p)
+    if drafts is not None:
+        config = assistant.generation_config
+        config.num_assistant_tokens, config.num_assistant_tokens_schedule = drafts, "constant"
+        config.assistant_confidence_threshold = 0.0
     return assistant
 
 
@@ -249,7 +251,8 @@ def test_assisted_decoding_may_evict_once_it_runs(llama, policy):
     rejected drafts are cropped away even when there are more of them than the recent window holds."""
     budget, recent, drafts = 48, 4, 10
     cache = EvictionCache(llama, policy, budget=budget, sinks=2, recent=recent, slack=0)
-    out = generate(llama, prompt(20), cache, assistant_model=drafting_assistant(drafts), max_new_tokens=60)
+    assistant = assistant_near(tiny_llama, 0.02, drafts)
+    out = generate(llama, prompt(20), cache, assistant_model=assistant, max_new_tokens=60)
     assert out.shape == (1, 80) and cache.stats()["evicted"] > 0
     assert all(int(layer.kv.counts().max()) <= budget for layer in cache.layers)
     for record in (False, True):
@@ -310,10 +313,7 @@ def test_fraction_budget(llama):
 
 def test_assisted_decoding_on_sliding_window_model(gemma):
     # candidates that the main model rejects are cropped away, also from the sliding layers
-    assistant = tiny_gemma3()
-    torch.manual_seed(1)
-    for p in assistant.parameters():
-        p.data += 0.05 * torch.randn_like(p)  # a different model, so some candidates get rejected
+    assistant = assistant_near(tiny_gemma3, 0.05)
     ids = prompt(30)
     ref = generate(gemma, ids, DynamicCache(config=gemma.config), max_new_tokens=12)
     out = generate(gemma, ids, EvictionCache(gemma, "streaming", budget=512), assistant_model=assistant,
@@ -324,10 +324,7 @@ def test_assisted_decoding_on_sliding_window_model(gemma):
 def test_assisted_decoding_in_a_second_turn_on_a_sliding_window_model(gemma):
     """The first turn filled the sliding windows (they let entries go, evicting nothing): the cache stays
     croppable, so a second turn may decode with an assistant, as with transformers' own cache."""
-    assistant = tiny_gemma3()
-    torch.manual_seed(1)
-    for p in assistant.parameters():
-        p.data += 0.05 * torch.randn_like(p)
+    assistant = assistant_near(tiny_gemma3, 0.05)
     outputs = []
     for cache in (DynamicCache(config=gemma.config), EvictionCache(gemma, "streaming", budget=None)):
         first = generate(gemma, prompt(30), cache, max_new_tokens=6)
